@@ -1,0 +1,83 @@
+"""Model configuration: torchvision's `maskrcnn_resnet50_fpn` keyword arguments and their defaults.
+
+`model_config(**kwargs)` takes the keyword names of torchvision's `maskrcnn_resnet50_fpn` /
+`MaskRCNN` / `FasterRCNN` constructors with the same defaults, plus the static-shape settings that
+torchvision does not need (`canvas_size`, `box_pre_nms_top_n`, ...). The result is an
+`ml_collections.ConfigDict` that is stored with checkpoints.
+"""
+
+import math
+from typing import Any
+
+import ml_collections
+
+# torchvision's defaults (models/detection/faster_rcnn.py, mask_rcnn.py, rpn.py).
+TORCHVISION_DEFAULTS: dict[str, Any] = dict(
+    num_classes=91,
+    min_size=800,
+    max_size=1333,
+    image_mean=(0.485, 0.456, 0.406),
+    image_std=(0.229, 0.224, 0.225),
+    rpn_pre_nms_top_n_train=2000,
+    rpn_pre_nms_top_n_test=1000,
+    rpn_post_nms_top_n_train=2000,
+    rpn_post_nms_top_n_test=1000,
+    rpn_nms_thresh=0.7,
+    rpn_fg_iou_thresh=0.7,
+    rpn_bg_iou_thresh=0.3,
+    rpn_batch_size_per_image=256,
+    rpn_positive_fraction=0.5,
+    rpn_score_thresh=0.0,
+    box_score_thresh=0.05,
+    box_nms_thresh=0.5,
+    box_detections_per_img=100,
+    box_fg_iou_thresh=0.5,
+    box_bg_iou_thresh=0.5,
+    box_batch_size_per_image=512,
+    box_positive_fraction=0.25,
+    bbox_reg_weights=(10.0, 10.0, 5.0, 5.0),
+)
+
+# Settings of maskrcnn_jax that torchvision does not have.
+STATIC_DEFAULTS: dict[str, Any] = dict(
+    backbone="resnet50",
+    # Fixed (height, width) every resized image is padded into; None: a square of the largest
+    # resized side rounded up to 32, so every image fits in either orientation.
+    canvas_size=None,
+    size_divisible=32,
+    # Per-class NMS of the detections runs on the top `box_pre_nms_top_n` (class, box) candidates
+    # above `box_score_thresh`; torchvision keeps all of them (up to 1000 x 90).
+    box_pre_nms_top_n=5000,
+    rpn_min_size=1e-3,
+    mask_size=28,
+    compute_dtype="float32",
+)
+
+_TORCHVISION_ONLY = {"weights", "progress", "weights_backbone", "trainable_backbone_layers"}
+
+
+def model_config(**kwargs) -> ml_collections.ConfigDict:
+    """A model config from torchvision keyword arguments (and maskrcnn_jax's static settings).
+
+    Raises:
+      TypeError: for a keyword neither torchvision's detector nor maskrcnn_jax knows.
+    """
+    unknown = set(kwargs) - set(TORCHVISION_DEFAULTS) - set(STATIC_DEFAULTS) - _TORCHVISION_ONLY
+    if unknown:
+        raise TypeError(f"model_config() got unknown keyword arguments: {sorted(unknown)}")
+    values = {**TORCHVISION_DEFAULTS, **STATIC_DEFAULTS}
+    values.update({k: v for k, v in kwargs.items() if k not in _TORCHVISION_ONLY})
+    for key in ("image_mean", "image_std", "bbox_reg_weights"):
+        values[key] = tuple(float(v) for v in values[key])
+    if values["canvas_size"] is None:
+        side = _round_up(max(values["min_size"], values["max_size"]), values["size_divisible"])
+        values["canvas_size"] = (side, side)
+    values["canvas_size"] = tuple(int(v) for v in values["canvas_size"])
+    for side in values["canvas_size"]:
+        if side % 32:
+            raise ValueError(f"canvas_size {values['canvas_size']} must be a multiple of 32")
+    return ml_collections.ConfigDict(values)
+
+
+def _round_up(value: float, multiple: int) -> int:
+    return int(math.ceil(float(value) / multiple) * multiple)

@@ -1,0 +1,82 @@
+"""torchvision's `FeaturePyramidNetwork` with `LastLevelMaxPool` (P2..P6), NHWC.
+
+Variable names mirror torchvision: `inner_blocks_{i}` (torch `inner_blocks.{i}.0`, 1x1 lateral
+convs) and `layer_blocks_{i}` (torch `layer_blocks.{i}.0`, 3x3 output convs), both with bias.
+"""
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from maskrcnn_jax.models.resnet import conv2d
+
+# torchvision initialises the FPN convs with kaiming_uniform_(a=1) (gain 1) and zero bias.
+_fpn_init = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
+
+
+def torch_nearest_indices(in_size: int, out_size: int) -> np.ndarray:
+    """Source indices of torch `F.interpolate(size=out_size, mode="nearest")` along one axis.
+
+    torch computes `scale = float32(in) / out` and `src = min(floor(float32(dst) * scale), in-1)`
+    in float32, with shortcuts for equal sizes and exact 2x upsampling (`dst >> 1`). Replicating
+    the float32 rounding keeps odd sizes bit-identical to torch. Sizes are static, so this is
+    NumPy at trace time. Returns int32 indices of shape (out_size,).
+    """
+    dst = np.arange(out_size)
+    if in_size == out_size:
+        return dst.astype(np.int32)
+    if out_size == 2 * in_size:
+        return (dst >> 1).astype(np.int32)
+    scale = np.float32(in_size) / np.float32(out_size)
+    src = np.floor(dst.astype(np.float32) * scale).astype(np.int64)
+    return np.minimum(src, in_size - 1).astype(np.int32)
+
+
+def resize_nearest_like_torch(x, out_hw):
+    """Nearest-neighbour resize of x (N, H, W, C) to (N, out_h, out_w, C), as torch's
+    `F.interpolate(x, size=out_hw, mode="nearest")` (a static gather, no arithmetic)."""
+    rows = torch_nearest_indices(x.shape[1], out_hw[0])
+    cols = torch_nearest_indices(x.shape[2], out_hw[1])
+    return jnp.take(jnp.take(x, rows, axis=1), cols, axis=2)
+
+
+class FeaturePyramidNetwork(nn.Module):
+    """Top-down FPN over backbone maps of increasing stride.
+
+    Attributes:
+      out_channels: width of every output level (256 in Mask R-CNN).
+      extra_max_pool: append torchvision's `LastLevelMaxPool` level (`max_pool2d(kernel 1,
+        stride 2)` of the coarsest output, i.e. `x[:, ::2, ::2]`), giving P6.
+      dtype: computation dtype (None: input dtype); parameters stay float32.
+
+    Call: features, a sequence of NHWC maps (C2..C5), finest first. Returns a tuple of NHWC maps
+    (P2..P5[, P6]) with `out_channels` channels, finest first — torchvision's '0'..'3', 'pool'.
+    """
+
+    out_channels: int = 256
+    extra_max_pool: bool = True
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, features: Sequence):
+        def inner(i, x):
+            return conv2d(self.out_channels, 1, use_bias=True, dtype=self.dtype,
+                          kernel_init=_fpn_init, name=f"inner_blocks_{i}")(x)
+
+        def layer(i, x):
+            return conv2d(self.out_channels, 3, 1, 1, use_bias=True, dtype=self.dtype,
+                          kernel_init=_fpn_init, name=f"layer_blocks_{i}")(x)
+
+        last = len(features) - 1
+        last_inner = inner(last, features[last])
+        results = [layer(last, last_inner)]
+        for i in range(last - 1, -1, -1):
+            lateral = inner(i, features[i])
+            last_inner = lateral + resize_nearest_like_torch(last_inner, lateral.shape[1:3])
+            results.insert(0, layer(i, last_inner))
+        if self.extra_max_pool:
+            # A 1x1 max-pool with stride 2 is pure subsampling: output size ceil(H/2).
+            results.append(results[-1][:, ::2, ::2, :])
+        return tuple(results)

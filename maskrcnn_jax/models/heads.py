@@ -1,0 +1,137 @@
+"""The weighted heads of Mask R-CNN (torchvision v1), NHWC. No detection logic here.
+
+Variable names mirror torchvision's state-dict names (see `convert_weights`).
+All modules take a computation `dtype` (None: input dtype); parameters stay float32.
+"""
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from maskrcnn_jax.models.resnet import conv2d
+
+_relu_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def _dense(features, dtype, name):
+    return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+class RPNHead(nn.Module):
+    """torchvision `RPNHead`: shared 3x3 conv + relu, then 1x1 objectness and box-delta convs.
+
+    Call: features, a sequence of NHWC maps (N, H_l, W_l, C) (the FPN levels); the same
+    weights are applied to every level. Returns (objectness, deltas), two lists over levels:
+      objectness[l]: (N, H_l * W_l * A) logits,
+      deltas[l]:     (N, H_l * W_l * A, 4) box deltas (dx, dy, dw, dh) before weighting,
+    flattened in torchvision's `permute_and_flatten` order (h, w, a): torch's channel index is
+    a * 4 + k for the deltas, which is exactly an NHWC reshape of the last axis to (A, 4).
+    """
+
+    num_anchors: int = 3
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, features: Sequence):
+        init = nn.initializers.normal(0.01)  # torchvision: normal_(std=0.01), zero bias
+        conv = conv2d(features[0].shape[-1], 3, 1, 1, use_bias=True, dtype=self.dtype,
+                      kernel_init=init, name="conv")
+        cls_logits = conv2d(self.num_anchors, 1, use_bias=True, dtype=self.dtype,
+                            kernel_init=init, name="cls_logits")
+        bbox_pred = conv2d(4 * self.num_anchors, 1, use_bias=True, dtype=self.dtype,
+                           kernel_init=init, name="bbox_pred")
+        objectness, deltas = [], []
+        for x in features:
+            t = nn.relu(conv(x))
+            n = x.shape[0]
+            objectness.append(cls_logits(t).reshape(n, -1))
+            deltas.append(bbox_pred(t).reshape(n, -1, 4))
+        return objectness, deltas
+
+
+class TwoMLPHead(nn.Module):
+    """torchvision `TwoMLPHead`: flatten, fc6 + relu, fc7 + relu.
+
+    Call: x (R, H, W, C) pooled RoI features (NHWC, 7x7x256 in Mask R-CNN). Flattened in
+    (h, w, c) order; the converter permutes torch's fc6 weight (which sees (c, h, w) order) so
+    no transpose is needed here. Returns (R, representation_size).
+    """
+
+    representation_size: int = 1024
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(_dense(self.representation_size, self.dtype, "fc6")(x))
+        return nn.relu(_dense(self.representation_size, self.dtype, "fc7")(x))
+
+
+class FastRCNNPredictor(nn.Module):
+    """torchvision `FastRCNNPredictor`: two linear layers on the box-head representation.
+
+    Call: x (R, D). Returns (class_logits (R, num_classes), box_deltas (R, 4 * num_classes)),
+    the deltas class-major as in torchvision (entry k * 4 + j is coordinate j of class k).
+    """
+
+    num_classes: int
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        x = x.reshape(x.shape[0], -1)
+        class_logits = _dense(self.num_classes, self.dtype, "cls_score")(x)
+        box_deltas = _dense(4 * self.num_classes, self.dtype, "bbox_pred")(x)
+        return class_logits, box_deltas
+
+
+class MaskRCNNHeads(nn.Module):
+    """torchvision `MaskRCNNHeads`: a stack of 3x3 conv (+bias) + relu layers.
+
+    Call: x (R, 14, 14, C) pooled RoI features, NHWC. Returns (R, 14, 14, layers[-1]).
+    Variables `mask_fcn{i}` are torch's `mask_head.{i-1}.0`.
+    """
+
+    layers: Sequence[int] = (256, 256, 256, 256)
+    dilation: int = 1
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        for i, features in enumerate(self.layers):
+            conv = nn.Conv(
+                features, (3, 3),
+                padding=((self.dilation, self.dilation),) * 2,
+                kernel_dilation=(self.dilation, self.dilation),
+                dtype=self.dtype, param_dtype=jnp.float32,
+                kernel_init=_relu_fan_out, name=f"mask_fcn{i + 1}",
+            )
+            x = nn.relu(conv(x))
+        return x
+
+
+class MaskRCNNPredictor(nn.Module):
+    """torchvision `MaskRCNNPredictor`: 2x2 stride-2 transposed conv + relu, 1x1 conv logits.
+
+    Call: x (R, H, W, C). Returns per-class mask logits (R, 2H, 2W, num_classes), NHWC.
+
+    `conv5_mask` uses `transpose_kernel=True`, i.e. the true transpose (gradient) of a
+    convolution: its kernel is (kH, kW, out, in) = torch's ConvTranspose2d weight
+    (in, out, kH, kW) transposed by (2, 3, 1, 0), with no spatial flip needed.
+    """
+
+    num_classes: int
+    dim_reduced: int = 256
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.ConvTranspose(
+            self.dim_reduced, (2, 2), strides=(2, 2), padding="VALID", transpose_kernel=True,
+            dtype=self.dtype, param_dtype=jnp.float32, kernel_init=_relu_fan_out,
+            name="conv5_mask",
+        )(x)
+        x = nn.relu(x)
+        return conv2d(self.num_classes, 1, use_bias=True, dtype=self.dtype,
+                      kernel_init=_relu_fan_out, name="mask_fcn_logits")(x)

@@ -1,0 +1,176 @@
+"""ResNet body (C2..C5) with torchvision's exact padding and FrozenBatchNorm2d arithmetic.
+
+Layout is NHWC. Parameters are float32 (`param_dtype`); `dtype` is the computation dtype
+(None: the input's dtype, e.g. jnp.bfloat16 for mixed precision).
+
+Variable names mirror torchvision's state-dict names so that `convert_weights` stays a plain
+renaming: `conv1`, `bn1`, `layer{i}_{j}` (torch `layer{i}.{j}`) with `conv1..3`, `bn1..3`,
+`downsample_conv` / `downsample_bn` (torch `downsample.0` / `downsample.1`).
+"""
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+from jax import lax
+
+# torchvision's ResNet initialises convs with kaiming_normal_(mode="fan_out", relu).
+_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def conv2d(features, kernel_size, strides=1, padding=0, use_bias=False, dtype=None,
+           kernel_init=_conv_init, name=None):
+    """A torch-style `nn.Conv2d` as a Flax `nn.Conv` with explicit symmetric padding.
+
+    Flax's 'SAME' pads stride-2 convolutions asymmetrically (more on the bottom/right), which
+    torch never does, so padding is always given explicitly as `((p, p), (p, p))`.
+    """
+    return nn.Conv(
+        features,
+        (kernel_size, kernel_size),
+        strides=(strides, strides),
+        padding=((padding, padding), (padding, padding)),
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=kernel_init,
+        name=name,
+    )
+
+
+class FrozenBatchNorm(nn.Module):
+    """torchvision's `FrozenBatchNorm2d`: a fixed per-channel affine map.
+
+    Computes exactly as torch does: `scale = weight * rsqrt(running_var + eps)`,
+    `bias = bias - running_mean * scale`, `x * scale + bias`. The four float32 buffers live in
+    the `'batch_stats'` collection under torch's names and are never updated.
+
+    Input/output: (..., C) channels-last array; output in `dtype` (default: input dtype).
+    """
+
+    eps: float = 1e-5
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+
+        def buffer(name, init):
+            return self.variable("batch_stats", name, init, (c,), jnp.float32).value
+
+        weight = buffer("weight", jnp.ones)
+        bias = buffer("bias", jnp.zeros)
+        running_mean = buffer("running_mean", jnp.zeros)
+        running_var = buffer("running_var", jnp.ones)
+        # Fold in float32 (as torch does), then apply in the computation dtype.
+        scale = weight * lax.rsqrt(running_var + self.eps)
+        shift = bias - running_mean * scale
+        dtype = self.dtype if self.dtype is not None else x.dtype
+        return x.astype(dtype) * scale.astype(dtype) + shift.astype(dtype)
+
+
+class BasicBlock(nn.Module):
+    """torchvision `BasicBlock` (ResNet-18/34): 3x3 (stride) -> 3x3, identity/1x1 shortcut.
+
+    `features` is the block's output width (expansion 1). Input (N, H, W, Cin) ->
+    (N, ceil(H/s), ceil(W/s), features).
+    """
+
+    features: int
+    strides: int = 1
+    dtype: Any = None
+    expansion = 1
+
+    @nn.compact
+    def __call__(self, x):
+        out_features = self.features * self.expansion
+        y = conv2d(self.features, 3, self.strides, 1, dtype=self.dtype, name="conv1")(x)
+        y = nn.relu(FrozenBatchNorm(dtype=self.dtype, name="bn1")(y))
+        y = conv2d(self.features, 3, 1, 1, dtype=self.dtype, name="conv2")(y)
+        y = FrozenBatchNorm(dtype=self.dtype, name="bn2")(y)
+        return nn.relu(y + _shortcut(self, x, out_features))
+
+
+class BottleneckBlock(nn.Module):
+    """torchvision `Bottleneck` (v1.5: the stride sits on the 3x3 conv, not the first 1x1).
+
+    1x1 (features) -> 3x3 stride (features) -> 1x1 (4 * features), identity/1x1 shortcut.
+    Input (N, H, W, Cin) -> (N, ceil(H/s), ceil(W/s), 4 * features).
+    """
+
+    features: int
+    strides: int = 1
+    dtype: Any = None
+    expansion = 4
+
+    @nn.compact
+    def __call__(self, x):
+        out_features = self.features * self.expansion
+        y = conv2d(self.features, 1, dtype=self.dtype, name="conv1")(x)
+        y = nn.relu(FrozenBatchNorm(dtype=self.dtype, name="bn1")(y))
+        y = conv2d(self.features, 3, self.strides, 1, dtype=self.dtype, name="conv2")(y)
+        y = nn.relu(FrozenBatchNorm(dtype=self.dtype, name="bn2")(y))
+        y = conv2d(out_features, 1, dtype=self.dtype, name="conv3")(y)
+        y = FrozenBatchNorm(dtype=self.dtype, name="bn3")(y)
+        return nn.relu(y + _shortcut(self, x, out_features))
+
+
+def _shortcut(block, x, out_features):
+    """Identity, or torchvision's `downsample` (1x1 conv with the block's stride + BN) when the
+    spatial size or the width changes. Called inside the block's compact scope."""
+    if block.strides == 1 and x.shape[-1] == out_features:
+        return x.astype(block.dtype) if block.dtype is not None else x
+    x = conv2d(out_features, 1, block.strides, dtype=block.dtype, name="downsample_conv")(x)
+    return FrozenBatchNorm(dtype=block.dtype, name="downsample_bn")(x)
+
+
+def max_pool_3x3_s2(x):
+    """torch `max_pool2d(kernel 3, stride 2, padding 1)`: padding acts as -inf, so it never wins."""
+    return lax.reduce_window(
+        x, jnp.array(-jnp.inf, x.dtype), lax.max,
+        window_dimensions=(1, 3, 3, 1), window_strides=(1, 2, 2, 1),
+        padding=((0, 0), (1, 1), (1, 1), (0, 0)),
+    )
+
+
+class ResNet(nn.Module):
+    """torchvision ResNet body without the classifier, returning the four stage outputs.
+
+    Attributes:
+      stage_sizes: blocks per stage, e.g. (3, 4, 6, 3) for ResNet-50.
+      block_cls: `BottleneckBlock` or `BasicBlock`.
+      width: stem / first-stage width (64 in torchvision); stage i uses width * 2**i.
+      dtype: computation dtype (None: input dtype); parameters stay float32.
+
+    Call: x (N, H, W, 3) normalised image, float. Returns a tuple (C2, C3, C4, C5) of NHWC maps
+    at strides 4, 8, 16, 32 (each spatial size is ceil of the previous / 2, as torch computes),
+    with widths width * 2**i * block_cls.expansion — torchvision's `backbone.body` '0'..'3'.
+    """
+
+    stage_sizes: Sequence[int]
+    block_cls: Any = BottleneckBlock
+    width: int = 64
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        x = conv2d(self.width, 7, 2, 3, dtype=self.dtype, name="conv1")(x)
+        x = nn.relu(FrozenBatchNorm(dtype=self.dtype, name="bn1")(x))
+        x = max_pool_3x3_s2(x)
+        features = []
+        for i, num_blocks in enumerate(self.stage_sizes):
+            for j in range(num_blocks):
+                strides = 2 if (i > 0 and j == 0) else 1
+                x = self.block_cls(self.width * 2**i, strides, dtype=self.dtype,
+                                   name=f"layer{i + 1}_{j}")(x)
+            features.append(x)
+        return tuple(features)
+
+
+ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock)
+ResNet34 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BasicBlock)
+ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BottleneckBlock)
+ResNet101 = functools.partial(ResNet, stage_sizes=(3, 4, 23, 3), block_cls=BottleneckBlock)
+# A few-channel ResNet-18 for fast tests of the wiring (not a torchvision architecture).
+TinyResNet = functools.partial(ResNet, stage_sizes=(1, 1, 1, 1), block_cls=BasicBlock, width=8)
