@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from maskrcnn_jax.models.resnet import conv2d
+from maskrcnn_jax.models.resnet import conv2d, zero_outside
 
 # torchvision initialises the FPN convs with kaiming_uniform_(a=1) (gain 1) and zero bias.
 _fpn_init = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
@@ -52,7 +52,8 @@ class FeaturePyramidNetwork(nn.Module):
       dtype: computation dtype (None: input dtype); parameters stay float32.
 
     Call: features, a sequence of NHWC maps (C2..C5), finest first. Returns a tuple of NHWC maps
-    (P2..P5[, P6]) with `out_channels` channels, finest first — torchvision's '0'..'3', 'pool'.
+    (P2..P5[, P6]) with `out_channels` channels, finest first (zeroed outside `pixel_valid`,
+    (N, H, W) bool at canvas resolution, when given; see `resnet.zero_outside`) — torchvision's '0'..'3', 'pool'.
     """
 
     out_channels: int = 256
@@ -60,7 +61,7 @@ class FeaturePyramidNetwork(nn.Module):
     dtype: Any = None
 
     @nn.compact
-    def __call__(self, features: Sequence):
+    def __call__(self, features: Sequence, pixel_valid=None):
         def inner(i, x):
             return conv2d(self.out_channels, 1, use_bias=True, dtype=self.dtype,
                           kernel_init=_fpn_init, name=f"inner_blocks_{i}")(x)
@@ -71,12 +72,12 @@ class FeaturePyramidNetwork(nn.Module):
 
         last = len(features) - 1
         last_inner = inner(last, features[last])
-        results = [layer(last, last_inner)]
+        results = [layer(last, zero_outside(last_inner, pixel_valid))]
         for i in range(last - 1, -1, -1):
             lateral = inner(i, features[i])
             last_inner = lateral + resize_nearest_like_torch(last_inner, lateral.shape[1:3])
-            results.insert(0, layer(i, last_inner))
+            results.insert(0, layer(i, zero_outside(last_inner, pixel_valid)))
         if self.extra_max_pool:
             # A 1x1 max-pool with stride 2 is pure subsampling: output size ceil(H/2).
             results.append(results[-1][:, ::2, ::2, :])
-        return tuple(results)
+        return tuple(zero_outside(r, pixel_valid) for r in results)

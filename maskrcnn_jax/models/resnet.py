@@ -9,6 +9,7 @@ renaming: `conv1`, `bn1`, `layer{i}_{j}` (torch `layer{i}.{j}`) with `conv1..3`,
 """
 
 import functools
+import math
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -37,6 +38,28 @@ def conv2d(features, kernel_size, strides=1, padding=0, use_bias=False, dtype=No
         kernel_init=kernel_init,
         name=name,
     )
+
+
+def zero_outside(x, pixel_valid):
+    """Zero an NHWC map outside each image's valid region.
+
+    torchvision runs its backbone on each image padded only to a multiple of 32; maskrcnn_jax pads
+    into a larger fixed canvas. Zeroing activations outside the region torchvision would have,
+    before every layer that looks at neighbours (3x3 convs, the stem max-pool after a ReLU),
+    makes those layers see exactly torchvision's zero padding, so features inside the region are
+    identical whatever the canvas.
+
+    Args:
+      x: (N, h, w, C) map at stride `H // h` of the canvas.
+      pixel_valid: (N, H, W) bool at canvas resolution, or None (no masking).
+    """
+    if pixel_valid is None:
+        return x
+    # Strides are powers of two; the nearest one to canvas/map size (as torchvision infers
+    # scales) also holds for the ceil-sized maps of canvases not divisible by 64 (P6).
+    stride = 2 ** round(math.log2(pixel_valid.shape[1] / x.shape[1]))
+    mask = pixel_valid[:, ::stride, ::stride][:, : x.shape[1], : x.shape[2]]
+    return x * mask[..., None].astype(x.dtype)
 
 
 class FrozenBatchNorm(nn.Module):
@@ -83,13 +106,14 @@ class BasicBlock(nn.Module):
     expansion = 1
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, pixel_valid=None):
         out_features = self.features * self.expansion
         y = conv2d(self.features, 3, self.strides, 1, dtype=self.dtype, name="conv1")(x)
         y = nn.relu(FrozenBatchNorm(dtype=self.dtype, name="bn1")(y))
+        y = zero_outside(y, pixel_valid)
         y = conv2d(self.features, 3, 1, 1, dtype=self.dtype, name="conv2")(y)
         y = FrozenBatchNorm(dtype=self.dtype, name="bn2")(y)
-        return nn.relu(y + _shortcut(self, x, out_features))
+        return zero_outside(nn.relu(y + _shortcut(self, x, out_features)), pixel_valid)
 
 
 class BottleneckBlock(nn.Module):
@@ -105,15 +129,16 @@ class BottleneckBlock(nn.Module):
     expansion = 4
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, pixel_valid=None):
         out_features = self.features * self.expansion
         y = conv2d(self.features, 1, dtype=self.dtype, name="conv1")(x)
         y = nn.relu(FrozenBatchNorm(dtype=self.dtype, name="bn1")(y))
+        y = zero_outside(y, pixel_valid)
         y = conv2d(self.features, 3, self.strides, 1, dtype=self.dtype, name="conv2")(y)
         y = nn.relu(FrozenBatchNorm(dtype=self.dtype, name="bn2")(y))
         y = conv2d(out_features, 1, dtype=self.dtype, name="conv3")(y)
         y = FrozenBatchNorm(dtype=self.dtype, name="bn3")(y)
-        return nn.relu(y + _shortcut(self, x, out_features))
+        return zero_outside(nn.relu(y + _shortcut(self, x, out_features)), pixel_valid)
 
 
 def _shortcut(block, x, out_features):
@@ -143,7 +168,8 @@ class ResNet(nn.Module):
       width: stem / first-stage width (64 in torchvision); stage i uses width * 2**i.
       dtype: computation dtype (None: input dtype); parameters stay float32.
 
-    Call: x (N, H, W, 3) normalised image, float. Returns a tuple (C2, C3, C4, C5) of NHWC maps
+    Call: x (N, H, W, 3) normalised image, float; optional pixel_valid (N, H, W) bool, the
+    region torchvision would run on (see `zero_outside`). Returns a tuple (C2, C3, C4, C5) of NHWC maps
     at strides 4, 8, 16, 32 (each spatial size is ceil of the previous / 2, as torch computes),
     with widths width * 2**i * block_cls.expansion — torchvision's `backbone.body` '0'..'3'.
     """
@@ -154,16 +180,18 @@ class ResNet(nn.Module):
     dtype: Any = None
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, pixel_valid=None):
         x = conv2d(self.width, 7, 2, 3, dtype=self.dtype, name="conv1")(x)
         x = nn.relu(FrozenBatchNorm(dtype=self.dtype, name="bn1")(x))
-        x = max_pool_3x3_s2(x)
+        # After the ReLU every value is >= 0, so zeros outside the region act as torch's -inf
+        # max-pool padding.
+        x = max_pool_3x3_s2(zero_outside(x, pixel_valid))
         features = []
         for i, num_blocks in enumerate(self.stage_sizes):
             for j in range(num_blocks):
                 strides = 2 if (i > 0 and j == 0) else 1
                 x = self.block_cls(self.width * 2**i, strides, dtype=self.dtype,
-                                   name=f"layer{i + 1}_{j}")(x)
+                                   name=f"layer{i + 1}_{j}")(x, pixel_valid)
             features.append(x)
         return tuple(features)
 
