@@ -1,0 +1,194 @@
+"""TFDS builders `coco_instances` (a local COCO folder) and `shapes` (synthetic), read without TF.
+
+Both write `array_record` files and are read with random access through
+`builder.as_data_source(split)`; neither building nor reading imports TensorFlow. Images are
+`tfds.features.Image` fed with already encoded bytes (TFDS stores bytes as given and decodes with
+PIL on read; only encoding a NumPy image would need TF). The category table
+`[{'id', 'name', 'label'}]` is stored in the builder's metadata (`metadata.json` next to the
+data) so evaluation can map contiguous labels back to category ids and names.
+
+Records: see `coco.RECORD_FIELDS`. Entry points: `load(...)`, `categories(source)`,
+`coco_ground_truth(source)`.
+"""
+
+import dataclasses
+import logging
+import os
+from typing import Optional, Union
+
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+
+from maskrcnn_jax.data import coco
+from maskrcnn_jax.data import shapes
+
+# TFDS derives a builder's code path through `importlib_resources` (not installed) for classes in
+# packages; both builders live here and have no checksums or metadata files beside them.
+_CODE_PATH = epath.Path(__file__)
+
+_DESCRIPTION = "Instance segmentation records for maskrcnn_jax (see maskrcnn_jax/data/coco.py)."
+
+
+def record_features() -> tfds.features.FeaturesDict:
+    """The TFDS features of a record (`coco.RECORD_FIELDS`), shared by both builders."""
+    t = tfds.features.Tensor
+    return tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(None, None, 3), dtype=np.uint8),
+        "image_id": t(shape=(), dtype=np.int64),
+        "original_size": t(shape=(2,), dtype=np.int32),
+        "file_name": tfds.features.Text(),
+        "boxes": t(shape=(None, 4), dtype=np.float32),
+        "labels": t(shape=(None,), dtype=np.int32),
+        "category_ids": t(shape=(None,), dtype=np.int64),
+        "is_crowd": t(shape=(None,), dtype=np.bool_),
+        "areas": t(shape=(None,), dtype=np.float32),
+        "annotation_ids": t(shape=(None,), dtype=np.int64),
+        "mask_rles": tfds.features.Sequence(tfds.features.Text()),
+        "no_annotations": t(shape=(), dtype=np.bool_),
+    })
+
+
+class CocoInstances(tfds.core.GeneratorBasedBuilder):
+    """A local COCO-format folder (`manual_dir`), one split per `annotations/instances_*.json`
+    (`train*` -> 'train', `val*` -> 'validation'). Nothing is downloaded."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    code_path = _CODE_PATH
+    MANUAL_DOWNLOAD_INSTRUCTIONS = (
+        "Pass manual_dir: a folder with annotations/instances_<split>.json and the images of "
+        "each annotation file in <split>/ (e.g. annotations/instances_val2017.json, val2017/).")
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(builder=self, description=_DESCRIPTION,
+                                     features=record_features(),
+                                     metadata=tfds.core.MetadataDict())
+
+    def _split_generators(self, dl_manager):
+        splits = coco.find_annotation_files(os.fspath(dl_manager.manual_dir))
+        categories = coco.merge_categories(
+            [coco.load_annotation_file(ann)["categories"] for ann, _ in splits.values()],
+            os.fspath(dl_manager.manual_dir))
+        self.info.metadata["categories"] = categories
+        return {name: self._generate_examples(ann, images, categories)
+                for name, (ann, images) in splits.items()}
+
+    def _generate_examples(self, annotation_file, image_dir, categories):
+        yield from coco.coco_records(annotation_file, image_dir, categories)
+
+
+@dataclasses.dataclass
+class ShapesConfig(tfds.core.BuilderConfig):
+    """Sizes and seed of the synthetic set; the config name should encode them (one directory
+    per config). `shapes_config(...)` makes one with such a name."""
+
+    num_train: int = 2000
+    num_validation: int = 200
+    seed: int = 0
+    options: shapes.ShapesOptions = dataclasses.field(default_factory=shapes.ShapesOptions)
+
+
+def shapes_config(num_train: int = 2000, num_validation: int = 200, seed: int = 0,
+                  **options) -> ShapesConfig:
+    """A `ShapesConfig` named after its settings (`options`: `shapes.ShapesOptions` fields)."""
+    opts = shapes.ShapesOptions(**options)
+    name = f"n{num_train}_{num_validation}_seed{seed}"
+    if opts != shapes.ShapesOptions():
+        name += "_" + "_".join(f"{k}{v}" for k, v in sorted(dataclasses.asdict(opts).items()))
+    return ShapesConfig(name=name.replace(".", "p"), num_train=num_train,
+                        num_validation=num_validation, seed=seed, options=opts)
+
+
+class Shapes(tfds.core.GeneratorBasedBuilder):
+    """Synthetic overlapping shapes (`shapes.py`), generated locally and deterministically."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    code_path = _CODE_PATH
+    BUILDER_CONFIGS = [shapes_config()]
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(builder=self, description=_DESCRIPTION,
+                                     features=record_features(),
+                                     metadata=tfds.core.MetadataDict(categories=shapes.CATEGORIES))
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # nothing to download
+        c = self.builder_config
+        return {"train": self._generate_examples("train", c.num_train),
+                "validation": self._generate_examples("validation", c.num_validation)}
+
+    def _generate_examples(self, split, num_images):
+        c = self.builder_config
+        step = max(num_images // 10, 1)
+        for key, record in shapes.shapes_records(c.seed, split, num_images, c.options):
+            if int(key) % step == 0:
+                print(f"shapes/{split}: generating image {int(key) + 1}/{num_images}", flush=True)
+            yield key, record
+
+
+BUILDERS = {"coco_instances": CocoInstances, "shapes": Shapes}
+
+
+def builder(name: str, data_dir: str,
+            config: Optional[Union[str, tfds.core.BuilderConfig]] = None):
+    """The builder `name` ('coco_instances' or 'shapes') over `data_dir` (not built yet)."""
+    if name not in BUILDERS:
+        raise ValueError(f"unknown data set {name!r}; known: {sorted(BUILDERS)}")
+    kwargs = {"config": config} if config is not None else {}
+    return BUILDERS[name](data_dir=data_dir, file_format="array_record", **kwargs)
+
+
+def load(name: str, data_dir: str, split: str, manual_dir: Optional[str] = None,
+         config: Optional[Union[str, tfds.core.BuilderConfig]] = None):
+    """Build `name` under `data_dir` if needed; the random-access data source of `split`.
+
+    Args:
+      name: 'shapes' or 'coco_instances'.
+      data_dir: where TFDS keeps the built data.
+      split: e.g. 'train', 'validation' (TFDS slicing such as 'train[:10]' works).
+      manual_dir: the COCO folder (coco_instances only).
+      config: a builder config (e.g. `shapes_config(num_train=100)`) or its name.
+
+    Returns:
+      A TFDS `ArrayRecordDataSource`: `len()`, `source[i]` -> record dict (image decoded to a
+      `(H, W, 3)` uint8 array), `source.dataset_info.metadata['categories']`.
+    """
+    b = builder(name, data_dir, config)
+    if not b.is_prepared():
+        if name == "coco_instances" and manual_dir is None:
+            raise ValueError("coco_instances needs manual_dir (the COCO folder)")
+        logging.info("building %s into %s", b.name, b.data_dir)
+        b.download_and_prepare(download_config=tfds.download.DownloadConfig(
+            manual_dir=manual_dir))
+    return b.as_data_source(split=split)
+
+
+def categories(source) -> list[dict]:
+    """`[{'id', 'name', 'label'}]` (label = contiguous 1..K) stored with a data source."""
+    return [dict(c) for c in source.dataset_info.metadata["categories"]]
+
+
+def coco_ground_truth(source, use_labels: bool = False):
+    """A pycocotools `COCO` ground truth of a data source (a split), masks as RLE.
+
+    Args:
+      source: from `load(...)`; its images are not decoded (only annotations are read).
+      use_labels: category ids are the contiguous labels 1..K instead of the original ids.
+    """
+    from pycocotools.coco import COCO
+
+    reader = _annotation_reader(source)
+    dataset = coco.ground_truth_dataset((reader[i] for i in range(len(reader))),
+                                        categories(source), use_labels)
+    gt = COCO()
+    gt.dataset = dataset
+    gt.createIndex()
+    return gt
+
+
+def _annotation_reader(source):
+    """The same records without decoding images (reading annotations of a whole split)."""
+    try:
+        return dataclasses.replace(source, decoders={"image": tfds.decode.SkipDecoding()})
+    except Exception:  # pragma: no cover - older TFDS data sources: decode images too
+        return source
