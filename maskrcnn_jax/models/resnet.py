@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 # torchvision's ResNet initialises convs with kaiming_normal_(mode="fan_out", relu).
@@ -153,7 +154,7 @@ def _shortcut(block, x, out_features):
 def max_pool_3x3_s2(x):
     """torch `max_pool2d(kernel 3, stride 2, padding 1)`: padding acts as -inf, so it never wins."""
     return lax.reduce_window(
-        x, jnp.array(-jnp.inf, x.dtype), lax.max,
+        x, np.array(-np.inf, x.dtype), lax.max,  # a NumPy init value keeps max-pool's gradient rule
         window_dimensions=(1, 3, 3, 1), window_strides=(1, 2, 2, 1),
         padding=((0, 0), (1, 1), (1, 1), (0, 0)),
     )

@@ -1,0 +1,71 @@
+"""`Predictor`: images of any size in, torchvision-style detections out, one compiled function.
+
+    predictor = Predictor(config, variables)
+    outputs = predictor([image_a, image_b])   # uint8 (H, W, 3) arrays of any sizes
+
+Images are resized and padded into the config's canvas on the host, run through one jitted
+function in fixed-size batches, and mapped back to original-image pixels on the host, so any
+image whose resized size fits the canvas reuses the same compiled function.
+"""
+
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from maskrcnn_jax.model import MaskRCNN, frozen
+from maskrcnn_jax.transform import paste_masks, preprocess, resize_boxes
+
+
+class Predictor:
+    """Jit-compiled Mask R-CNN inference.
+
+    Args:
+      config: a model config (`maskrcnn_jax.config.model_config`, or from `from_torchvision`).
+      variables: `{'params': ..., 'batch_stats': ...}` of `MaskRCNN(config)`.
+      batch_size: images per compiled call; a shorter last batch is padded with blank images, so
+        the batch size never changes the compiled shape.
+    """
+
+    def __init__(self, config, variables, batch_size: int = 1):
+        self.config = frozen(config)
+        self.model = MaskRCNN(self.config)
+        self.variables = jax.device_put(variables)
+        self.batch_size = int(batch_size)
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self._forward = jax.jit(self.model.apply)
+
+    def __call__(self, images: Sequence[np.ndarray]) -> list[dict]:
+        """Detect objects in uint8 `(H, W, 3)` RGB images.
+
+        Returns:
+          One dict per image, as torchvision's `maskrcnn_resnet50_fpn` in eval mode:
+          `boxes (N, 4)` float32 `(x1, y1, x2, y2)` in original-image pixels, `scores (N,)`
+          float32 in decreasing order, `labels (N,)` int64 (1-based), `masks (N, 1, H, W)`
+          float32 probabilities.
+        """
+        if isinstance(images, np.ndarray) and images.ndim == 3:
+            raise ValueError("expected a sequence of images; wrap a single image in a list")
+        results = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = list(images[start:start + self.batch_size])
+            blanks = self.batch_size - len(chunk)
+            batch = preprocess(chunk + [np.zeros((32, 32, 3), np.uint8)] * blanks, self.config)
+            out = jax.device_get(self._forward(
+                self.variables, batch.images, batch.image_sizes, batch.padded_sizes))
+            for i in range(len(chunk)):
+                results.append(self._finish(out, i, batch))
+        return results
+
+    def _finish(self, out, i, batch):
+        n = int(out["valid"][i].sum())
+        original = tuple(int(v) for v in batch.original_sizes[i])
+        boxes = resize_boxes(out["boxes"][i, :n], batch.image_sizes[i], original)
+        masks = paste_masks(out["mask_probs"][i, :n], boxes, original)
+        return {
+            "boxes": boxes,
+            "scores": np.asarray(out["scores"][i, :n], np.float32),
+            "labels": np.asarray(out["labels"][i, :n], np.int64),
+            "masks": masks[:, None],
+        }
