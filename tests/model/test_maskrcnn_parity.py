@@ -10,46 +10,8 @@ on a CPU while running the real architecture.
 import numpy as np
 import pytest
 import torch
-import torchvision
 
-from maskrcnn_jax.convert import from_torchvision
-from maskrcnn_jax.predictor import Predictor
-
-KWARGS = dict(num_classes=5, min_size=320, max_size=480, box_score_thresh=0.05,
-              box_detections_per_img=20, rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=60)
-CANVAS = (480, 480)
-IMAGE_SHAPES = [(240, 320), (300, 200), (256, 256)]
-
-
-def _image(rng, h, w):
-    """A smooth image with a few bright rectangles and ellipses (uint8 RGB)."""
-    yy, xx = np.mgrid[:h, :w]
-    image = np.stack([(xx / w) * 120, (yy / h) * 120, np.full((h, w), 60.0)], -1)
-    for _ in range(5):
-        cy, cx = rng.uniform(0.2, 0.8) * h, rng.uniform(0.2, 0.8) * w
-        ry, rx = rng.uniform(0.08, 0.25) * h, rng.uniform(0.08, 0.25) * w
-        inside = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
-        image[inside] = rng.uniform(80, 255, 3)
-    return np.clip(image + rng.normal(0, 4, image.shape), 0, 255).astype(np.uint8)
-
-
-@pytest.fixture(scope="module")
-def models():
-    torch.manual_seed(0)
-    model = torchvision.models.detection.maskrcnn_resnet50_fpn(
-        weights=None, weights_backbone=None, **KWARGS).eval()
-    with torch.no_grad():
-        # Random weights give flat scores: sharpen them so that detections are confident.
-        model.rpn.head.cls_logits.weight.mul_(4.0)
-        model.roi_heads.box_predictor.cls_score.weight.mul_(3.0)
-        model.roi_heads.box_predictor.bbox_pred.weight.mul_(5.0)
-        model.roi_heads.mask_predictor.mask_fcn_logits.weight.mul_(20.0)
-    config, variables = from_torchvision(model.state_dict(), canvas_size=CANVAS, **KWARGS)
-    predictor = Predictor(config, variables)
-    rng = np.random.default_rng(0)
-    images = [_image(rng, h, w) for h, w in IMAGE_SHAPES]
-    return model, predictor, images
-
+from tests.model.conftest import IMAGE_SHAPES, image as _image  # noqa: F401
 
 @pytest.fixture(scope="module")
 def torch_outputs(models):

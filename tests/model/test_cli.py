@@ -1,0 +1,81 @@
+"""The conversion CLI, checkpoint round trip, the parity report and the bf16 option, on the
+converted torchvision model of test_maskrcnn_parity (shared fixtures)."""
+
+import json
+
+import jax
+import numpy as np
+import torch
+from PIL import Image
+
+from maskrcnn_jax import compare, convert
+from maskrcnn_jax.predictor import Predictor
+from tests.model.conftest import CANVAS, KWARGS
+
+
+def _cli_args(kwargs):
+    args = []
+    for key, value in kwargs.items():
+        args += ["--" + key.replace("_", "-"), json.dumps(value)]
+    return args
+
+
+def test_convert_cli_round_trip(models, tmp_path, capsys):
+    model, predictor, images = models
+    path = tmp_path / "model.pth"
+    torch.save(model.state_dict(), path)
+    out = tmp_path / "converted"
+    assert convert.main([str(path), "--out", str(out), "--canvas-size", json.dumps(list(CANVAS)),
+                         *_cli_args(KWARGS)]) == 0
+    assert "resnet50, 5 classes" in capsys.readouterr().out
+    config, variables = convert.load(out)
+    assert config.to_dict() == predictor.config.to_dict()
+    leaves = jax.tree_util.tree_leaves_with_path(variables)
+    expected = dict(jax.tree_util.tree_leaves_with_path(jax.device_get(predictor.variables)))
+    assert len(leaves) == len(expected)
+    for key, value in leaves:
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(expected[key]))
+    # The reloaded model detects exactly as the original.
+    a = Predictor(config, variables)(images[:1])[0]
+    b = predictor(images[:1])[0]
+    np.testing.assert_array_equal(a["boxes"], b["boxes"])
+
+
+def test_compare_report(models, tmp_path, capsys):
+    model, _, images = models
+    path = tmp_path / "model.pth"
+    torch.save(model.state_dict(), path)
+    image_path = tmp_path / "image.png"
+    Image.fromarray(images[0]).save(image_path)
+    assert compare.main([str(path), str(image_path), "--canvas-size", json.dumps(list(CANVAS)),
+                         *_cli_args(KWARGS)]) == 0
+    report = capsys.readouterr().out
+    rows = {}
+    for stage in ("backbone C5", "FPN P6", "RPN logits P2", "box head class logits", "detections scores"):
+        line = next(line for line in report.splitlines() if line.startswith(stage))
+        rows[stage] = float(line[len(stage):].split()[1])  # max rel diff
+    assert all(value <= 1e-4 for value in rows.values()), rows
+
+
+def test_bfloat16_compute(models):
+    """bf16 compute, float32 parameters: features within bf16 rounding of float32, and the whole
+    Predictor runs to finite, well-formed outputs. (Detections themselves are not compared: this
+    random-weight model amplifies bf16 rounding into different proposals.)"""
+    from maskrcnn_jax.transform import preprocess
+
+    _, predictor, images = models
+    config = predictor.config.as_configdict()
+    config.compute_dtype = "bfloat16"
+    bf16 = Predictor(config, predictor.variables)
+    batch = preprocess(images[:1], predictor.config)
+    args = (batch.images, batch.padded_sizes)
+    features = jax.jit(lambda v, *a: bf16.model.apply(v, *a, method="features"))(bf16.variables, *args)
+    reference = jax.jit(lambda v, *a: predictor.model.apply(v, *a, method="features"))(predictor.variables, *args)
+    for ours, theirs in zip(features, reference):
+        assert ours.dtype == jax.numpy.bfloat16
+        err = float(jax.numpy.abs(ours.astype(np.float32) - theirs).max() / jax.numpy.abs(theirs).max())
+        assert err < 5e-2, err
+    out = bf16(images[:1])[0]
+    assert all(np.isfinite(v).all() for v in out.values())
+    assert out["masks"].shape[1:] == (1, *images[0].shape[:2]) and out["masks"].dtype == np.float32
+    assert jax.tree_util.tree_all(jax.tree.map(lambda x: x.dtype == np.float32, bf16.variables))
