@@ -164,7 +164,7 @@ def train_step(model: MaskRCNN, tx, state: TrainState, batch: Dict[str, jnp.ndar
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, **terms, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, **terms, "grad_norm": optax.tree.norm(grads)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 

@@ -1,0 +1,205 @@
+"""Train (and evaluate) Mask R-CNN: an Optax loop on a data-parallel device mesh with Orbax
+checkpoints that resume exactly.
+
+    python train.py --config=configs/shapes.py --workdir=/tmp/shapes_run [--config.a.b=v ...]
+
+Re-running with the same workdir resumes from the latest checkpoint (parameters, optimizer state,
+step, data position; the PRNG key of a step depends only on the seed and the step). SIGTERM
+saves a checkpoint at the current step and exits cleanly. Metrics go to `workdir/metrics.jsonl`
+and TensorBoard (`workdir/tb`); at the end the model is evaluated (COCO box and mask AP) when
+`maskrcnn_jax.evaluation` is available, and the final metrics are printed.
+"""
+
+import logging
+import os
+import signal
+import threading
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+from tqdm import tqdm
+
+from maskrcnn_jax import train_lib
+from maskrcnn_jax.config import model_config
+from maskrcnn_jax.data import builders, pipeline
+from maskrcnn_jax.model import MaskRCNN, frozen
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", "configs/shapes.py", "Training configuration file.")
+flags.DEFINE_string("workdir", None, "Checkpoints, metrics and TensorBoard logs go here.")
+
+log = logging.getLogger(__name__)
+
+
+def load_source(data_cfg, split: str):
+    """The random-access data source of a split (built under `data_dir` on first use)."""
+    data_dir = os.path.expanduser(data_cfg.data_dir)
+    if data_cfg.name == "shapes":
+        return builders.load("shapes", data_dir, split,
+                             config=builders.shapes_config(**data_cfg.shapes.to_dict()))
+    return builders.load(data_cfg.name, data_dir, split,
+                         manual_dir=os.path.expanduser(data_cfg.manual_dir) or None)
+
+
+def load_backbone(path: str):
+    """Backbone variables from a torchvision ImageNet ResNet state dict (.pth)."""
+    import torch
+
+    from maskrcnn_jax.convert import backbone_from_torchvision_resnet
+
+    return backbone_from_torchvision_resnet(torch.load(path, map_location="cpu", weights_only=True))
+
+
+class SigtermFlag:
+    """Records a SIGTERM instead of dying, so the loop can checkpoint and exit cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def evaluate(config, model_cfg, state, workdir: str):
+    """COCO metrics of the current parameters on the eval split; {} if the evaluation module is
+    not available."""
+    try:
+        from maskrcnn_jax import evaluation
+    except ImportError as e:
+        log.warning("skipping evaluation: %s", e)
+        return {}
+    variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+    return evaluation.evaluate(model_cfg, variables, load_source(config.data, config.data.eval_split),
+                               batch_size=config.data.eval_batch_size, workdir=workdir)
+
+
+def train_and_evaluate(config, workdir: str, step_hook=None) -> dict:
+    """Train for `config.num_train_steps` (resuming from `workdir`), then evaluate.
+
+    Args:
+      config: a ConfigDict as in `configs/shapes.py`.
+      workdir: checkpoints, metrics.jsonl, tb/.
+      step_hook: optional `hook(step, metrics)` called after every step (tests use it).
+
+    Returns:
+      The last logged training metrics and the evaluation metrics (prefixed 'eval/');
+      {'preempted': step} instead when stopped by SIGTERM.
+
+    Raises:
+      FloatingPointError: a loss is not finite (the message names the step and every term).
+    """
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    model_cfg = model_config(**config.model.to_dict())
+    model = MaskRCNN(frozen(model_cfg))
+    global_batch = int(config.data.batch_size)
+    local_batch = train_lib.check_batch_size(global_batch)
+    mesh = train_lib.make_mesh()
+
+    loader = pipeline.make_dataset(
+        load_source(config.data, config.data.train_split), model_cfg, batch_size=local_batch,
+        train=True, seed=config.seed, max_instances=config.data.max_instances,
+        mask_crop_size=config.data.mask_crop_size, min_sizes=tuple(config.data.min_sizes),
+        flip_probability=config.data.flip_probability, worker_count=config.data.worker_count)
+    data_iter = iter(loader)
+
+    key = jax.random.PRNGKey(config.seed)
+    param_shapes = jax.eval_shape(lambda: train_lib.init_variables(model, key))["params"]
+    tx, schedule = train_lib.create_optimizer(config.optimizer, param_shapes, global_batch,
+                                              config.frozen_backbone_stages)
+    manager = train_lib.checkpoint_manager(workdir, config.keep_checkpoints)
+    backbone = load_backbone(config.init_backbone) if config.init_backbone else None
+    state = train_lib.replicate(train_lib.create_train_state(model, tx, key, backbone), mesh)
+    restored = train_lib.restore_checkpoint(manager, state)
+    if restored is not None:
+        state, data_state, _ = restored
+        data_iter.set_state(data_state)
+    step = int(state.step)
+    if restored is not None:
+        log.info("resumed from step %d", step)
+    p_train_step = train_lib.make_train_step(model, tx, mesh, config.mask_rois_per_image)
+    writer = train_lib.MetricWriter(workdir)
+    num_steps = int(config.num_train_steps)
+
+    def save(at_step):
+        train_lib.save_checkpoint(manager, at_step, state, data_iter.get_state(), config)
+
+    window, window_start, window_steps = {}, time.time(), 0
+    last_logged = {}
+    with SigtermFlag() as sigterm, tqdm(total=num_steps, initial=step, desc="train",
+                                        disable=jax.process_index() != 0) as bar:
+        while step < num_steps:
+            batch = train_lib.shard_batch(next(data_iter), mesh)
+            state, metrics = p_train_step(state, batch)
+            step += 1
+            metrics = jax.device_get(metrics)
+            train_lib.check_finite(step, metrics)
+            if step_hook is not None:
+                step_hook(step, metrics)
+            for k, v in metrics.items():
+                window[k] = window.get(k, 0.0) + float(v)
+            window_steps += 1
+            images_per_s = window_steps * global_batch / max(time.time() - window_start, 1e-9)
+            bar.set_postfix(loss=f"{float(metrics['loss']):.3f}", img_s=f"{images_per_s:.1f}")
+            bar.update(1)
+            if step % config.log_every_steps == 0 or step == num_steps:
+                last_logged = {k: v / window_steps for k, v in window.items()}
+                last_logged.update(lr=float(schedule(step - 1)), images_per_s=images_per_s)
+                writer.write(step, last_logged)
+                window, window_start, window_steps = {}, time.time(), 0
+            if step % config.checkpoint_every_steps == 0 or step == num_steps or sigterm.requested:
+                save(step)
+            if sigterm.requested:
+                manager.wait_until_finished()
+                log.warning("SIGTERM: saved a checkpoint at step %d, exiting", step)
+                writer.close()
+                manager.close()
+                return {"preempted": step}
+            if config.eval_every_steps and step % config.eval_every_steps == 0 and step < num_steps:
+                writer.write(step, evaluate(config, model_cfg, state, workdir), prefix="eval")
+
+    save(step)  # no-op when the last step is already saved (e.g. a finished run restarted)
+    manager.wait_until_finished()
+    manager.close()
+    results = dict(last_logged)
+    eval_metrics = evaluate(config, model_cfg, state, workdir) if config.final_eval else {}
+    if eval_metrics:
+        writer.write(step, eval_metrics, prefix="eval")
+    writer.close()
+    results.update({f"eval/{k}": v for k, v in eval_metrics.items()})
+    return results
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if FLAGS.workdir is None:
+        raise app.UsageError("--workdir is required")
+    config = FLAGS.config
+    if config.distributed:
+        jax.distributed.initialize()
+    logging.basicConfig(level=logging.INFO)
+    log.info("devices: %s (process %d of %d)", jax.devices(), jax.process_index(),
+             jax.process_count())
+    results = train_and_evaluate(config, FLAGS.workdir)
+    if jax.process_index() == 0:
+        print("final metrics:")
+        for k, v in sorted(results.items()):
+            print(f"  {k}: {v:.4f}" if isinstance(v, (float, np.floating)) else f"  {k}: {v}")
+
+
+if __name__ == "__main__":
+    app.run(main)
