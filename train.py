@@ -19,6 +19,7 @@ import time
 import jax
 import numpy as np
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
@@ -191,7 +192,11 @@ def main(argv):
     config = FLAGS.config
     if config.distributed:
         jax.distributed.initialize()
-    logging.basicConfig(level=logging.INFO)
+    # Our progress and warnings at INFO; libraries' (Orbax, TFDS, absl) chatter only from WARNING.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("maskrcnn_jax").setLevel(logging.INFO)
+    log.setLevel(logging.INFO)
+    absl_logging.set_verbosity(absl_logging.WARNING)
     log.info("devices: %s (process %d of %d)", jax.devices(), jax.process_index(),
              jax.process_count())
     results = train_and_evaluate(config, FLAGS.workdir)

@@ -51,6 +51,11 @@ STATIC_DEFAULTS: dict[str, Any] = dict(
     rpn_min_size=1e-3,
     mask_size=28,
     compute_dtype="float32",
+    # Head widths (torchvision's values; smaller ones make fast CPU configs, not convertible).
+    fpn_channels=256,
+    box_representation_size=1024,
+    mask_head_layers=(256, 256, 256, 256),
+    mask_dim_reduced=256,
 )
 
 _TORCHVISION_ONLY = {"weights", "progress", "weights_backbone", "trainable_backbone_layers"}
@@ -69,6 +74,7 @@ def model_config(**kwargs) -> ml_collections.ConfigDict:
     values.update({k: v for k, v in kwargs.items() if k not in _TORCHVISION_ONLY})
     for key in ("image_mean", "image_std", "bbox_reg_weights"):
         values[key] = tuple(float(v) for v in values[key])
+    values["mask_head_layers"] = tuple(int(v) for v in values["mask_head_layers"])
     if values["canvas_size"] is None:
         side = _round_up(max(values["min_size"], values["max_size"]), values["size_divisible"])
         values["canvas_size"] = (side, side)

@@ -80,12 +80,13 @@ class MaskRCNN(nn.Module):
         if cfg.backbone not in BACKBONES:
             raise ValueError(f"unknown backbone {cfg.backbone!r}; choose from {sorted(BACKBONES)}")
         self.backbone = BACKBONES[cfg.backbone](dtype=dtype)
-        self.fpn = models.FeaturePyramidNetwork(dtype=dtype)
+        self.fpn = models.FeaturePyramidNetwork(cfg.fpn_channels, dtype=dtype)
         self.rpn_head = models.RPNHead(num_anchors=3, dtype=dtype)
-        self.box_head = models.TwoMLPHead(dtype=dtype)
+        self.box_head = models.TwoMLPHead(cfg.box_representation_size, dtype=dtype)
         self.box_predictor = models.FastRCNNPredictor(cfg.num_classes, dtype=dtype)
-        self.mask_head = models.MaskRCNNHeads(dtype=dtype)
-        self.mask_predictor = models.MaskRCNNPredictor(cfg.num_classes, dtype=dtype)
+        self.mask_head = models.MaskRCNNHeads(tuple(cfg.mask_head_layers), dtype=dtype)
+        self.mask_predictor = models.MaskRCNNPredictor(
+            cfg.num_classes, cfg.mask_dim_reduced, dtype=dtype)
 
     def features(self, images, padded_sizes):
         """FPN levels P2..P6 `(B, h_l, w_l, 256)` of canvas images `(B, H, W, 3)`."""

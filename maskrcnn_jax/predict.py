@@ -17,6 +17,8 @@ import sys
 
 import numpy as np
 
+from maskrcnn_jax.checkpoints import load_checkpoint
+
 _PALETTE = np.array([
     (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
     (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
@@ -70,22 +72,6 @@ def coco_results(detections, image_id, category_ids=None):
     return results
 
 
-def load_checkpoint(directory):
-    """(config, variables, class_names or None) from a converted checkpoint or a train workdir."""
-    from maskrcnn_jax import convert
-
-    if os.path.exists(os.path.join(directory, "config.json")) and os.path.isdir(
-            os.path.join(directory, "variables")):
-        config, variables = convert.load(directory)
-        return config, variables, None
-    try:
-        from maskrcnn_jax.train_lib import load_for_inference
-    except ImportError as e:  # pragma: no cover - depends on the training module
-        raise FileNotFoundError(f"{directory}: not a converted checkpoint (no config.json and "
-                                f"variables/) and training checkpoints are not supported") from e
-    return load_for_inference(directory)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("images", nargs="+")
@@ -102,7 +88,12 @@ def main(argv=None):
     for path in args.images:
         if not os.path.isfile(path):
             parser.error(f"no such image file: {path}")
-    config, variables, class_names = load_checkpoint(args.checkpoint)
+    config, variables, train_config = load_checkpoint(args.checkpoint)
+    class_names = None
+    if train_config and train_config.get("data", {}).get("name") == "shapes":
+        from maskrcnn_jax.data.shapes import CLASS_NAMES
+
+        class_names = ["background", *CLASS_NAMES]
     if args.class_names:
         with open(args.class_names) as f:
             class_names = [line.strip() for line in f]

@@ -124,8 +124,9 @@ def init_variables(model: MaskRCNN, key: jax.Array):
     def init_all(m, images, padded_sizes):
         fpn = m.features(images, padded_sizes)
         m.rpn_head(fpn)
-        m.box_outputs(jnp.zeros((1, 1, 7, 7, 256), jnp.float32))
-        m.mask_logits(jnp.zeros((1, 1, 14, 14, 256), jnp.float32))
+        channels = model.config.fpn_channels
+        m.box_outputs(jnp.zeros((1, 1, 7, 7, channels), jnp.float32))
+        m.mask_logits(jnp.zeros((1, 1, 14, 14, channels), jnp.float32))
 
     images = jnp.zeros((1, 64, 64, 3), jnp.float32)
     padded = jnp.full((1, 2), 64, jnp.int32)
