@@ -22,17 +22,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
 
-try:
-    import torchvision  # noqa: F401
-    from torchvision.ops import nms as _probe_nms  # noqa: F401
+from maskrcnn_jax.testing import import_torchvision  # noqa: E402
 
-    torch.ops.torchvision.nms  # raises if the compiled ops are missing
-    TORCHVISION_KIND = "compiled ops"
-except Exception:  # noqa: BLE001  (any import failure means: use the CPU shim)
-    import tests.torchvision_cpu  # noqa: F401
-
-    TORCHVISION_KIND = "pure-torch fallback (tests/torchvision_cpu.py)"
-import torchvision  # noqa: E402,F811
+torchvision = import_torchvision()
+TORCHVISION_KIND = ("pure-torch fallback (maskrcnn_jax/testing/torchvision_cpu.py)"
+                    if "maskrcnn_jax.testing.torchvision_cpu" in sys.modules else "compiled ops")
 from torchvision.ops import MultiScaleRoIAlign  # noqa: E402
 
 from maskrcnn_jax.ops.nms import nms_padded  # noqa: E402

@@ -34,6 +34,7 @@ from maskrcnn_jax.losses import LOSS_NAMES, compute_losses, mask_loss
 from maskrcnn_jax.model import MaskRCNN, frozen
 from maskrcnn_jax.ops.boxes import decode_boxes
 from maskrcnn_jax.ops.mask_targets import crop_masks_to_boxes
+from maskrcnn_jax.testing.torch_models import randomize_frozen_bn_and_biases
 from maskrcnn_jax.transform import preprocess
 
 RTOL = 1e-4
@@ -88,17 +89,7 @@ def _ellipse_objects(canvas, image_size, ellipses, num_slots):
 @torch.no_grad()
 def _randomize(model, seed):
     """FrozenBN buffers to a non-identity affine map, non-zero biases, sharpened logits."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, FrozenBatchNorm2d):
-            c = m.weight.shape[0]
-            m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-            m.bias.copy_(0.2 * torch.randn(c, generator=g))
-            m.running_mean.copy_(0.2 * torch.randn(c, generator=g))
-            m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
-    for name, p in model.named_parameters():
-        if name.endswith("bias"):
-            p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    randomize_frozen_bn_and_biases(model, seed)
     # Randomised BN makes the features large: scale the predictors to O(1) logits, where every
     # loss depends on its targets, and RPN deltas small so that proposals stay near the anchors
     # (some overlap the gt at IoU >= 0.5 and become positive RoIs besides the gt boxes).

@@ -30,9 +30,8 @@ Padding: invalid boxes are sorted after all valid ones and are never kept, so th
 suppress. Output indices are padded with -1 beyond `count`.
 """
 
-from typing import Optional, Tuple, Union
+from typing import Tuple, Union
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 

@@ -25,6 +25,7 @@ from pycocotools import mask as mask_utils
 from maskrcnn_jax import evaluation
 from maskrcnn_jax.convert import from_torchvision, save
 from maskrcnn_jax.data import builders, shapes
+from maskrcnn_jax.testing.torch_models import make_confident
 
 KWARGS = dict(num_classes=5, min_size=160, max_size=240, box_score_thresh=0.05,
               box_detections_per_img=20, rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=100)
@@ -45,12 +46,7 @@ def torch_model():
     torch.manual_seed(0)
     model = torchvision.models.detection.maskrcnn_resnet50_fpn(
         weights=None, weights_backbone=None, **KWARGS).eval()
-    with torch.no_grad():
-        model.rpn.head.cls_logits.weight.mul_(4.0)
-        model.roi_heads.box_predictor.cls_score.weight.mul_(3.0)
-        model.roi_heads.box_predictor.bbox_pred.weight.mul_(5.0)
-        model.roi_heads.mask_predictor.mask_fcn_logits.weight.mul_(20.0)
-    return model
+    return make_confident(model)
 
 
 def _ground_truth(rng, image_id, out, h, w, next_id):

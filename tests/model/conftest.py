@@ -13,6 +13,7 @@ import torchvision
 
 from maskrcnn_jax.convert import from_torchvision
 from maskrcnn_jax.predictor import Predictor
+from maskrcnn_jax.testing.torch_models import make_confident
 
 KWARGS = dict(num_classes=5, min_size=320, max_size=480, box_score_thresh=0.05,
               box_detections_per_img=20, rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=60)
@@ -38,12 +39,7 @@ def models():
     torch.manual_seed(0)
     model = torchvision.models.detection.maskrcnn_resnet50_fpn(
         weights=None, weights_backbone=None, **KWARGS).eval()
-    with torch.no_grad():
-        # Random weights give flat scores: sharpen them so that detections are confident.
-        model.rpn.head.cls_logits.weight.mul_(4.0)
-        model.roi_heads.box_predictor.cls_score.weight.mul_(3.0)
-        model.roi_heads.box_predictor.bbox_pred.weight.mul_(5.0)
-        model.roi_heads.mask_predictor.mask_fcn_logits.weight.mul_(20.0)
+    make_confident(model)
     config, variables = from_torchvision(model.state_dict(), canvas_size=CANVAS, **KWARGS)
     predictor = Predictor(config, variables)
     rng = np.random.default_rng(0)

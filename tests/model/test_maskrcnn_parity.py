@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.model.conftest import IMAGE_SHAPES, image as _image  # noqa: F401
+from tests.model.conftest import image as _image
 
 @pytest.fixture(scope="module")
 def torch_outputs(models):

@@ -23,6 +23,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from maskrcnn_jax import models
 from maskrcnn_jax.convert_weights import backbone_with_fpn_to_flax, torchvision_to_flax
 from maskrcnn_jax.models.fpn import torch_nearest_indices
+from maskrcnn_jax.testing.torch_models import randomize_frozen_bn_and_biases
 
 RTOL = 1e-4
 # bf16 keeps 8 mantissa bits (rounding 2**-9 ~ 2e-3 per cast); over the ~20 layers of a ResNet-18
@@ -44,20 +45,7 @@ def nhwc(t):
     return np.ascontiguousarray(t.detach().numpy().transpose(0, 2, 3, 1))
 
 
-@torch.no_grad()
-def randomize_buffers_and_biases(module, seed):
-    """FrozenBN buffers to a non-identity affine map (running_var > 0); biases non-zero."""
-    g = torch.Generator().manual_seed(seed)
-    for m in module.modules():
-        if isinstance(m, FrozenBatchNorm2d):
-            c = m.weight.shape[0]
-            m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-            m.bias.copy_(0.2 * torch.randn(c, generator=g))
-            m.running_mean.copy_(0.2 * torch.randn(c, generator=g))
-            m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
-    for name, p in module.named_parameters():
-        if name.endswith("bias"):
-            p.copy_(0.1 * torch.randn(p.shape, generator=g))
+randomize_buffers_and_biases = randomize_frozen_bn_and_biases
 
 
 @pytest.fixture(scope="module")

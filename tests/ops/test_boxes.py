@@ -7,7 +7,6 @@ size mask) and otherwise to within 1e-6 relative to the magnitude of the operand
 summed (a couple of float32 ulps), which is what `assert_close_to_scale` checks.
 """
 
-import math
 
 import jax
 import jax.numpy as jnp

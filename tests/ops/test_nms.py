@@ -8,7 +8,6 @@ set asserts that a good share of the boxes is suppressed, so the comparison is n
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch

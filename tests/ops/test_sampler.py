@@ -6,7 +6,6 @@ uniformity with a chi-square test over many keys.
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch

@@ -48,6 +48,7 @@ def tiny_config(data_dir, **overrides):
     config.mask_rois_per_image = 4
     config.optimizer.warmup_steps = 2
     config.optimizer.milestones = (1000,)
+    config.optimizer.reference_batch_size = 8  # lr 0.01 at batch 4, independent of the recipe
     config.log_every_steps = 1
     config.checkpoint_every_steps = 2
     config.final_eval = False
