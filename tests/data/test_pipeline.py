@@ -22,6 +22,7 @@ from maskrcnn_jax.data import builders, coco, pipeline
 from maskrcnn_jax.ops import mask_targets
 from maskrcnn_jax.transform import resized_size
 from tests.data.test_builders import write_coco_folder
+from tests.ops.test_roi_align import numpy_roi_align
 
 CONFIG = model_config(num_classes=4, min_size=64, max_size=96)  # canvas 96 x 96
 S = 14  # small crops keep the float64 loop reference fast
@@ -29,41 +30,10 @@ S = 14  # small crops keep the float64 loop reference fast
 
 def roi_align_loop(mask, box, size):
     """float64 loop of torchvision's C++ RoIAlign (aligned=False, sampling_ratio=-1, scale 1) of
-    one single-channel map, sample positions in float32 as the kernel computes them."""
-    f = np.float32
-    height, width = mask.shape
-    x1, y1, x2, y2 = (f(v) for v in box)
-    roi_w, roi_h = max(x2 - x1, f(1)), max(y2 - y1, f(1))
-    bin_w, bin_h = roi_w / f(size), roi_h / f(size)
-    grid_w, grid_h = int(np.ceil(roi_w / f(size))), int(np.ceil(roi_h / f(size)))
-    out = np.zeros((size, size))
-    for ph in range(size):
-        for pw in range(size):
-            acc = 0.0
-            for iy in range(grid_h):
-                y = y1 + f(ph) * bin_h + f(iy + 0.5) * bin_h / f(grid_h)
-                for ix in range(grid_w):
-                    x = x1 + f(pw) * bin_w + f(ix + 0.5) * bin_w / f(grid_w)
-                    if y < -1.0 or y > height or x < -1.0 or x > width:
-                        continue
-                    yy, xx = max(float(y), 0.0), max(float(x), 0.0)
-                    yl, xl = int(yy), int(xx)
-                    if yl >= height - 1:
-                        yl = yh = height - 1
-                        yy = float(yl)
-                    else:
-                        yh = yl + 1
-                    if xl >= width - 1:
-                        xl = xh = width - 1
-                        xx = float(xl)
-                    else:
-                        xh = xl + 1
-                    ly, lx = yy - yl, xx - xl
-                    hy, hx = 1.0 - ly, 1.0 - lx
-                    acc += (hy * hx * mask[yl, xl] + hy * lx * mask[yl, xh]
-                            + ly * hx * mask[yh, xl] + ly * lx * mask[yh, xh])
-            out[ph, pw] = acc / max(grid_h * grid_w, 1)
-    return out
+    one single-channel map (the ops tests' NumPy reference)."""
+    out = numpy_roi_align(np.asarray(mask)[..., None], np.asarray([box], np.float32), (size, size),
+                          1.0, -1, False)
+    return out[0, :, :, 0]
 
 
 @pytest.mark.parametrize("in_size,out_size", [(40, 64), (30, 96), (50, 80), (7, 14), (9, 9),
