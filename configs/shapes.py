@@ -2,9 +2,11 @@
 
     python train.py --config=configs/shapes.py --workdir=/tmp/shapes_run
 
-A ResNet-18 FPN from scratch (no pretrained weights, so nothing is frozen) on 96..160 px images
-resized to a short side of 96..128 (long side <= 160) in a 160x160 canvas, with fewer proposals and sampled RoIs
-than torchvision's defaults for speed. Override any value on the command line, e.g.
+A ResNet-18 FPN from scratch (no pretrained weights, so nothing is frozen) with GroupNorm in the
+backbone (FrozenBatchNorm, right for pretrained weights, would leave a from-scratch ResNet
+unnormalised: at step 350 its mask loss was 0.58 against GroupNorm's 0.41), on 96..160 px images
+resized to a short side of 96..128 (long side <= 160) in a 160x160 canvas, with fewer proposals
+and sampled RoIs than torchvision's defaults for speed. Override any value on the command line, e.g.
 `--config.num_train_steps=100 --config.data.batch_size=4`.
 """
 
@@ -16,6 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Keyword arguments of `maskrcnn_jax.config.model_config` (torchvision's names).
     config.model = dict(
         backbone="resnet18",
+        backbone_norm="group_norm",  # from scratch: FrozenBatchNorm would leave it unnormalised
         num_classes=5,  # 4 shapes + background
         min_size=128,
         max_size=160,
@@ -66,8 +69,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.optimizer.grad_clip_norm = 10.0
 
     config.num_train_steps = 1500  # ~0.65 s a step (batch 4) on the 2-core CPU: ~17 min
-    # Mask-head RoIs per image: the head costs ~0.5 GFLOP per RoI, so keep 8 of the up to 16
-    # positives (torchvision: all of them, None here).
+    # Mask-head RoIs per image: box_batch_size_per_image * 0.25 = 16 keeps every positive, as
+    # torchvision does (None means that bound); fewer would drop positives for speed.
     config.mask_rois_per_image = 16
     config.log_every_steps = 25
     config.checkpoint_every_steps = 50

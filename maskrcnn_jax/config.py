@@ -41,6 +41,10 @@ TORCHVISION_DEFAULTS: dict[str, Any] = dict(
 # Settings of maskrcnn_jax that torchvision does not have.
 STATIC_DEFAULTS: dict[str, Any] = dict(
     backbone="resnet50",
+    # Backbone normalisation: torchvision's FrozenBatchNorm2d ('frozen_bn', for pretrained or
+    # converted weights) or 'group_norm' (trainable, masked to each image; for training from
+    # scratch; such models do not convert to torchvision).
+    backbone_norm="frozen_bn",
     # Fixed (height, width) every resized image is padded into; None: a square of the largest
     # resized side rounded up to 32, so every image fits in either orientation.
     canvas_size=None,

@@ -139,6 +139,10 @@ def create_train_state(model: MaskRCNN, tx, key: jax.Array, init_backbone=None) 
     init_key, train_key = jax.random.split(key)
     variables = flax.core.unfreeze(init_variables(model, init_key))
     if init_backbone is not None:
+        if model.config.get("backbone_norm", "frozen_bn") != "frozen_bn":
+            raise ValueError("init_backbone (torchvision ResNet weights) needs "
+                             "backbone_norm='frozen_bn', got "
+                             f"{model.config.backbone_norm!r}")
         for collection in ("params", "batch_stats"):
             ours, theirs = variables[collection]["backbone"], init_backbone[collection]
             if jax.tree.structure(ours) != jax.tree.structure(theirs):
@@ -147,7 +151,7 @@ def create_train_state(model: MaskRCNN, tx, key: jax.Array, init_backbone=None) 
             variables[collection]["backbone"] = jax.tree.map(jnp.asarray, theirs)
     params = variables["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=variables["batch_stats"], opt_state=tx.init(params),
+                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
                       key=train_key)
 
 

@@ -41,6 +41,16 @@ def conv2d(features, kernel_size, strides=1, padding=0, use_bias=False, dtype=No
     )
 
 
+def valid_at(x, pixel_valid):
+    """`pixel_valid (N, H, W)` at the resolution of the NHWC map `x`: `(N, h, w)` bool.
+
+    Strides are powers of two; the nearest one to canvas/map size (as torchvision infers
+    scales) also holds for the ceil-sized maps of canvases not divisible by 64 (P6).
+    """
+    stride = 2 ** round(math.log2(pixel_valid.shape[1] / x.shape[1]))
+    return pixel_valid[:, ::stride, ::stride][:, : x.shape[1], : x.shape[2]]
+
+
 def zero_outside(x, pixel_valid):
     """Zero an NHWC map outside each image's valid region.
 
@@ -56,11 +66,7 @@ def zero_outside(x, pixel_valid):
     """
     if pixel_valid is None:
         return x
-    # Strides are powers of two; the nearest one to canvas/map size (as torchvision infers
-    # scales) also holds for the ceil-sized maps of canvases not divisible by 64 (P6).
-    stride = 2 ** round(math.log2(pixel_valid.shape[1] / x.shape[1]))
-    mask = pixel_valid[:, ::stride, ::stride][:, : x.shape[1], : x.shape[2]]
-    return x * mask[..., None].astype(x.dtype)
+    return x * valid_at(x, pixel_valid)[..., None].astype(x.dtype)
 
 
 class FrozenBatchNorm(nn.Module):
@@ -94,6 +100,58 @@ class FrozenBatchNorm(nn.Module):
         return x.astype(dtype) * scale.astype(dtype) + shift.astype(dtype)
 
 
+class MaskedGroupNorm(nn.Module):
+    """GroupNorm whose statistics cover only each image's valid region (trainable scale/bias).
+
+    For training from scratch, where FrozenBatchNorm's fixed affine map leaves a deep ResNet
+    without normalisation (He et al., "Rethinking ImageNet Pre-training", use GroupNorm there).
+    Statistics over the valid pixels only keep every image's features independent of the canvas
+    it is padded into, as `zero_outside` does for the convolutions; the padded region's output is
+    not meaningful (later `zero_outside` calls clear it). Not a torchvision module: models with it
+    do not convert to torchvision.
+
+    Attributes:
+      num_groups: groups (32 as in the paper), reduced to a divisor of narrow widths.
+      eps: added to the variance.
+
+    Input/output: (N, h, w, C); statistics in float32, output in `dtype` (default input dtype).
+    """
+
+    num_groups: int = 32
+    eps: float = 1e-5
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x, pixel_valid=None):
+        n, h, w, c = x.shape
+        groups = math.gcd(self.num_groups, c)
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        xg = x.astype(jnp.float32).reshape(n, h, w, groups, c // groups)
+        if pixel_valid is None:
+            weight = jnp.ones((n, h, w, 1, 1), jnp.float32)
+        else:
+            weight = valid_at(x, pixel_valid).astype(jnp.float32)[..., None, None]
+        count = jnp.maximum(jnp.sum(weight, axis=(1, 2, 4), keepdims=True) * (c // groups), 1.0)
+        mean = jnp.sum(xg * weight, axis=(1, 2, 4), keepdims=True) / count
+        centered = xg - mean
+        var = jnp.sum(jnp.square(centered) * weight, axis=(1, 2, 4), keepdims=True) / count
+        y = (centered * lax.rsqrt(var + self.eps)).reshape(n, h, w, c) * scale + bias
+        return y.astype(self.dtype if self.dtype is not None else x.dtype)
+
+
+NORMS = ("frozen_bn", "group_norm")
+
+
+def _norm(block, name, x, pixel_valid):
+    """The block's normalisation layer `name` applied to `x` (inside the caller's compact scope)."""
+    if block.norm == "frozen_bn":
+        return FrozenBatchNorm(dtype=block.dtype, name=name)(x)
+    if block.norm == "group_norm":
+        return MaskedGroupNorm(dtype=block.dtype, name=name)(x, pixel_valid)
+    raise ValueError(f"unknown norm {block.norm!r}; choose from {NORMS}")
+
+
 class BasicBlock(nn.Module):
     """torchvision `BasicBlock` (ResNet-18/34): 3x3 (stride) -> 3x3, identity/1x1 shortcut.
 
@@ -104,17 +162,19 @@ class BasicBlock(nn.Module):
     features: int
     strides: int = 1
     dtype: Any = None
+    norm: str = "frozen_bn"
     expansion = 1
 
     @nn.compact
     def __call__(self, x, pixel_valid=None):
         out_features = self.features * self.expansion
         y = conv2d(self.features, 3, self.strides, 1, dtype=self.dtype, name="conv1")(x)
-        y = nn.relu(FrozenBatchNorm(dtype=self.dtype, name="bn1")(y))
+        y = nn.relu(_norm(self, "bn1", y, pixel_valid))
         y = zero_outside(y, pixel_valid)
         y = conv2d(self.features, 3, 1, 1, dtype=self.dtype, name="conv2")(y)
-        y = FrozenBatchNorm(dtype=self.dtype, name="bn2")(y)
-        return zero_outside(nn.relu(y + _shortcut(self, x, out_features)), pixel_valid)
+        y = _norm(self, "bn2", y, pixel_valid)
+        return zero_outside(nn.relu(y + _shortcut(self, x, out_features, pixel_valid)),
+                            pixel_valid)
 
 
 class BottleneckBlock(nn.Module):
@@ -127,28 +187,30 @@ class BottleneckBlock(nn.Module):
     features: int
     strides: int = 1
     dtype: Any = None
+    norm: str = "frozen_bn"
     expansion = 4
 
     @nn.compact
     def __call__(self, x, pixel_valid=None):
         out_features = self.features * self.expansion
         y = conv2d(self.features, 1, dtype=self.dtype, name="conv1")(x)
-        y = nn.relu(FrozenBatchNorm(dtype=self.dtype, name="bn1")(y))
+        y = nn.relu(_norm(self, "bn1", y, pixel_valid))
         y = zero_outside(y, pixel_valid)
         y = conv2d(self.features, 3, self.strides, 1, dtype=self.dtype, name="conv2")(y)
-        y = nn.relu(FrozenBatchNorm(dtype=self.dtype, name="bn2")(y))
+        y = nn.relu(_norm(self, "bn2", y, pixel_valid))
         y = conv2d(out_features, 1, dtype=self.dtype, name="conv3")(y)
-        y = FrozenBatchNorm(dtype=self.dtype, name="bn3")(y)
-        return zero_outside(nn.relu(y + _shortcut(self, x, out_features)), pixel_valid)
+        y = _norm(self, "bn3", y, pixel_valid)
+        return zero_outside(nn.relu(y + _shortcut(self, x, out_features, pixel_valid)),
+                            pixel_valid)
 
 
-def _shortcut(block, x, out_features):
+def _shortcut(block, x, out_features, pixel_valid):
     """Identity, or torchvision's `downsample` (1x1 conv with the block's stride + BN) when the
     spatial size or the width changes. Called inside the block's compact scope."""
     if block.strides == 1 and x.shape[-1] == out_features:
         return x.astype(block.dtype) if block.dtype is not None else x
     x = conv2d(out_features, 1, block.strides, dtype=block.dtype, name="downsample_conv")(x)
-    return FrozenBatchNorm(dtype=block.dtype, name="downsample_bn")(x)
+    return _norm(block, "downsample_bn", x, pixel_valid)
 
 
 def max_pool_3x3_s2(x):
@@ -168,6 +230,8 @@ class ResNet(nn.Module):
       block_cls: `BottleneckBlock` or `BasicBlock`.
       width: stem / first-stage width (64 in torchvision); stage i uses width * 2**i.
       dtype: computation dtype (None: input dtype); parameters stay float32.
+      norm: 'frozen_bn' (torchvision's FrozenBatchNorm2d, buffers in 'batch_stats') or
+        'group_norm' (`MaskedGroupNorm`, trainable, for training from scratch).
 
     Call: x (N, H, W, 3) normalised image, float; optional pixel_valid (N, H, W) bool, the
     region torchvision would run on (see `zero_outside`). Returns a tuple (C2, C3, C4, C5) of NHWC maps
@@ -179,19 +243,21 @@ class ResNet(nn.Module):
     block_cls: Any = BottleneckBlock
     width: int = 64
     dtype: Any = None
+    norm: str = "frozen_bn"
 
     @nn.compact
     def __call__(self, x, pixel_valid=None):
         x = conv2d(self.width, 7, 2, 3, dtype=self.dtype, name="conv1")(x)
-        x = nn.relu(FrozenBatchNorm(dtype=self.dtype, name="bn1")(x))
+        x = nn.relu(_norm(self, "bn1", x, pixel_valid))
         # After the ReLU every value is >= 0, so zeros outside the region act as torch's -inf
-        # max-pool padding.
-        x = max_pool_3x3_s2(zero_outside(x, pixel_valid))
+        # max-pool padding. Pooling windows straddling the region's edge leak valid values just
+        # outside it, which the first block's 3x3 conv (BasicBlock) would read: zero them again.
+        x = zero_outside(max_pool_3x3_s2(zero_outside(x, pixel_valid)), pixel_valid)
         features = []
         for i, num_blocks in enumerate(self.stage_sizes):
             for j in range(num_blocks):
                 strides = 2 if (i > 0 and j == 0) else 1
-                x = self.block_cls(self.width * 2**i, strides, dtype=self.dtype,
+                x = self.block_cls(self.width * 2**i, strides, dtype=self.dtype, norm=self.norm,
                                    name=f"layer{i + 1}_{j}")(x, pixel_valid)
             features.append(x)
         return tuple(features)
