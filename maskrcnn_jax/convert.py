@@ -1,7 +1,8 @@
-"""torchvision checkpoints -> maskrcnn_jax (config, variables), and the conversion CLI.
+"""torchvision checkpoints <-> maskrcnn_jax (config, variables), and the conversion CLI.
 
-    from maskrcnn_jax.convert import from_torchvision
+    from maskrcnn_jax.convert import from_torchvision, to_torchvision
     config, variables = from_torchvision(torch.load(path, weights_only=True), num_classes=91)
+    state_dict = to_torchvision(config, variables)  # the inverse (e.g. for a trained model)
 
 CLI (writes an Orbax checkpoint of the variables and the config as JSON):
 
@@ -17,7 +18,7 @@ import sys
 import numpy as np
 
 from maskrcnn_jax.config import STATIC_DEFAULTS, TORCHVISION_DEFAULTS, model_config
-from maskrcnn_jax.convert_weights import resnet_to_flax, torchvision_to_flax
+from maskrcnn_jax.convert_weights import flax_to_torchvision, resnet_to_flax, torchvision_to_flax
 
 _RESNET_DEPTHS = {(2, 2, 2, 2): "resnet18", (3, 4, 6, 3): "resnet50", (3, 4, 23, 3): "resnet101"}
 
@@ -55,6 +56,43 @@ def from_torchvision(state_dict, **kwargs):
     num_classes = kwargs.get("num_classes", TORCHVISION_DEFAULTS["num_classes"])
     variables = torchvision_to_flax(state_dict, num_classes=num_classes)
     return model_config(**kwargs), variables
+
+
+def to_torchvision(config, variables):
+    """torchvision state dict (torch float32 tensors) of a maskrcnn_jax model: the inverse of
+    `from_torchvision`, for a torchvision `MaskRCNN` built with the config's architecture
+    (`maskrcnn_jax.testing.torch_models.torchvision_maskrcnn(config)`: ResNet with
+    FrozenBatchNorm2d, `fpn_channels`, head widths, `num_classes`).
+
+    `from_torchvision(to_torchvision(config, v), **config)` gives `v` back bit for bit.
+
+    Raises:
+      ValueError: if the config has no torchvision counterpart (a GroupNorm backbone, the test
+        'tiny' backbone) or disagrees with the variables (backbone depth, widths, classes).
+    """
+    import torch
+
+    norm = config.get("backbone_norm", "frozen_bn")
+    if norm != "frozen_bn":
+        raise ValueError(f"backbone_norm {norm!r} has no torchvision counterpart (frozen_bn only)")
+    if config.backbone not in ("resnet18", "resnet34", "resnet50", "resnet101"):
+        raise ValueError(f"backbone {config.backbone!r} has no torchvision counterpart")
+    state_dict = flax_to_torchvision(variables)
+    found = {
+        "backbone": _backbone_name(state_dict),
+        "num_classes": state_dict["roi_heads.box_predictor.cls_score.weight"].shape[0],
+        "fpn_channels": state_dict["backbone.fpn.layer_blocks.0.0.weight"].shape[0],
+        "box_representation_size": state_dict["roi_heads.box_head.fc7.weight"].shape[0],
+        "mask_head_layers": tuple(
+            v.shape[0] for k, v in state_dict.items()
+            if k.startswith("roi_heads.mask_head.") and k.endswith(".weight")),
+        "mask_dim_reduced": state_dict["roi_heads.mask_predictor.conv5_mask.weight"].shape[1],
+    }
+    for key, value in found.items():
+        expected = tuple(config[key]) if key == "mask_head_layers" else config[key]
+        if value != expected:
+            raise ValueError(f"config {key}={expected!r} but the variables have {value!r}")
+    return {k: torch.from_numpy(v) for k, v in state_dict.items()}
 
 
 def backbone_from_torchvision_resnet(state_dict):

@@ -1,13 +1,19 @@
 """COCO evaluation: `evaluate` on a converted torchvision model reports the AP that torchvision's own
 outputs give through pycocotools; the COCO conversion helpers; the eval.py CLI.
 
-Set-up: a seeded torchvision `maskrcnn_resnet50_fpn` (random weights, logits sharpened as in the
-parity test) at a small size runs on synthetic shapes images. A random-weight model does not
-find the shapes (AP ~0, which would make the comparison vacuous), so the ground truth is made to
-correlate with its detections instead: a COCO folder with those images whose annotations are
-every other of each image's top detections (boxes jittered, masks thresholded) plus a missed
-object, under non-contiguous category ids. That folder is read by the `coco_instances` builder,
-so `evaluate` runs through the real data pipeline, label -> category mapping included.
+Set-up: a seeded torchvision Mask R-CNN of a small architecture (ResNet-18, narrow heads:
+`torch_models.torchvision_maskrcnn`; random weights, logits sharpened as in the parity test) runs
+on synthetic shapes validation images. A random-weight model does not find the shapes (AP ~0
+on their real annotations, which would make the comparison vacuous), so the ground truth is
+derived from its detections and then perturbed so that the AP lands mid-range, where ranking,
+box and mask differences all move it: of each image's detections some are dropped (false
+positives), some moved by 60% of their size (a false positive and a miss), the rest kept with
+boxes jittered by up to 25% of their size (IoUs spread over ~0.5-0.95, so AP50..AP95 differ)
+and masks eroded or dilated by 0-1 px; each image also gets an object nothing detects. That
+COCO folder is read by the `coco_instances` builder, so `evaluate` runs through the real data
+pipeline, label -> category mapping included. The check on the real shapes ground truth needs a
+trained model: `test_real_ground_truth_trained_checkpoint` (skipped without one) and
+`bench/eval_agreement.py`.
 """
 
 import importlib.util
@@ -18,55 +24,97 @@ import os
 import numpy as np
 import pytest
 import torch
-import torchvision
 from PIL import Image
 from pycocotools import mask as mask_utils
 
 from maskrcnn_jax import evaluation
+from maskrcnn_jax.config import model_config
 from maskrcnn_jax.convert import from_torchvision, save
 from maskrcnn_jax.data import builders, shapes
-from maskrcnn_jax.testing.torch_models import make_confident
+from maskrcnn_jax.testing.torch_models import (fast_roi_align, make_confident,
+                                               randomize_frozen_bn_and_biases,
+                                               torchvision_coco_metrics, torchvision_maskrcnn)
 
-KWARGS = dict(num_classes=5, min_size=160, max_size=240, box_score_thresh=0.05,
-              box_detections_per_img=20, rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=100)
-CANVAS = (256, 256)
-NUM_IMAGES = 24
+KWARGS = dict(backbone="resnet18", num_classes=5, min_size=128, max_size=160,
+              box_score_thresh=0.05, box_detections_per_img=20, rpn_pre_nms_top_n_test=200,
+              rpn_post_nms_top_n_test=100, fpn_channels=64, box_representation_size=128,
+              mask_head_layers=(64, 64), mask_dim_reduced=64)
+CANVAS = (160, 160)
+NUM_IMAGES = 32
 CATEGORY_IDS = (3, 7, 18, 25)  # labels 1..4 in sorted order
-BATCH_SIZE = 4
+BATCH_SIZE = 8
+# |eval.py AP - torchvision AP| allowed: the issue's 0.2 AP points. Measured 0.0000 here and on
+# 24 images of the trained checkpoint (both sides see the same detections up to float32 rounding:
+# an AP moves only where rounding flips an IoU threshold or a score order); bench/eval_agreement.py
+# on all 200 shapes validation images measured at most 0.0011 (segm AP) with the committed
+# RoIAlign and 0.0000 with the working tree of 2026-11-23.
+AP_TOLERANCE = 0.002
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CHECKPOINT = os.environ.get("MASKRCNN_JAX_SHAPES_CHECKPOINT", "/tmp/shapes_main2")
 
 
 def _decoded(record):
     """The record's image as TFDS decodes it (PIL)."""
-    return np.asarray(Image.open(io.BytesIO(record["image"])).convert("RGB"))
+    return np.array(Image.open(io.BytesIO(record["image"])).convert("RGB"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def torch_single_thread():
+    """torch on one thread: on a shared 2-core CPU, two threads run these small models ~9x
+    slower (spinning on small ops). Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def torch_model():
     torch.manual_seed(0)
-    model = torchvision.models.detection.maskrcnn_resnet50_fpn(
-        weights=None, weights_backbone=None, **KWARGS).eval()
-    return make_confident(model)
+    model = make_confident(torchvision_maskrcnn(model_config(canvas_size=CANVAS, **KWARGS)))
+    randomize_frozen_bn_and_biases(model, seed=1)
+    return model
+
+
+def _perturbed(mask, radius):
+    """`mask` dilated (radius > 0) or eroded (< 0) by |radius| 4-neighbour steps."""
+    mask = mask.astype(bool)
+    for _ in range(abs(radius)):
+        padded = np.pad(mask, 1, constant_values=radius < 0)
+        neighbours = [padded[1:-1, :-2], padded[1:-1, 2:], padded[:-2, 1:-1], padded[2:, 1:-1]]
+        mask = (np.logical_or.reduce([mask, *neighbours]) if radius > 0
+                else np.logical_and.reduce([mask, *neighbours]))
+    return mask
 
 
 def _ground_truth(rng, image_id, out, h, w, next_id):
-    """Annotations from torchvision's detections: every other of the top 8 (jittered) and one
-    object nothing detects (a false negative)."""
+    """Annotations from torchvision's detections (see the module docstring)."""
     anns = []
     boxes, labels = out["boxes"].numpy(), out["labels"].numpy()
     masks = out["masks"][:, 0].numpy() > 0.5
-    for i in range(0, min(len(boxes), 8), 2):
-        box = np.clip(boxes[i] + rng.uniform(-2, 2, 4), 0, [w, h, w, h])
-        mask = masks[i].astype(np.uint8)
+    for i in range(len(boxes)):
+        if rng.uniform() < 0.2:  # dropped: this detection becomes a false positive
+            continue
+        label = int(labels[i])
+        size = np.tile(boxes[i, 2:] - boxes[i, :2], 2)
+        box = boxes[i] + rng.uniform(-1, 1, 4) * rng.uniform(0, 0.25) * size
+        if rng.uniform() < 0.1:  # moved away: a false positive and a missed object
+            box = box + np.tile(rng.choice([-1, 1], 2) * 0.6, 2) * size
+        box = np.clip(box, 0, [w, h, w, h])
+        mask = _perturbed(masks[i], int(rng.integers(-1, 2))).astype(np.uint8)
         if mask.sum() == 0 or box[2] - box[0] < 2 or box[3] - box[1] < 2:
             continue
         anns.append({"id": next_id + len(anns), "image_id": image_id,
-                     "category_id": CATEGORY_IDS[labels[i] - 1], "iscrowd": 0,
+                     "category_id": CATEGORY_IDS[label - 1], "iscrowd": 0,
                      "bbox": [float(box[0]), float(box[1]), float(box[2] - box[0]),
                               float(box[3] - box[1])],
                      "area": float(mask.sum()),
                      "segmentation": _rle(mask)})
-    anns.append({"id": next_id + len(anns), "image_id": image_id, "category_id": CATEGORY_IDS[0],
+    # In the most detected category: pycocotools averages AP over categories, and a category
+    # with ground truth but (nearly) no detections would pin its AP at ~0.
+    common = int(np.bincount(labels, minlength=2).argmax()) if len(labels) else 1
+    anns.append({"id": next_id + len(anns), "image_id": image_id,
+                 "category_id": CATEGORY_IDS[common - 1],
                  "iscrowd": 0, "bbox": [1.0, 1.0, 10.0, 10.0], "area": 100.0,
                  "segmentation": [[1.0, 1.0, 11.0, 1.0, 11.0, 11.0, 1.0, 11.0]]})
     return anns
@@ -91,7 +139,7 @@ def dataset(torch_model, tmp_path_factory):
         image_id = 1000 + 7 * index
         file_name = f"{image_id}.png"  # lossless: the builder's decode gives the same pixels
         Image.fromarray(image).save(root / "val" / file_name)
-        with torch.no_grad():
+        with torch.no_grad(), fast_roi_align():
             out = torch_model([torch.from_numpy(image).permute(2, 0, 1).float() / 255.0])[0]
         outputs[image_id] = out
         h, w = image.shape[:2]
@@ -140,14 +188,69 @@ def evaluated(converted, dataset, tmp_path_factory):
 def test_ap_matches_torchvision(reference, evaluated):
     ref, results = reference
     ours, _ = evaluated
-    assert len(results) > 50
-    # Non-trivial: half of each image's top 8 detections are true positives (AP50 ~0.2: the
-    # other detections, also high-scoring, are false positives; each image has a missed object).
-    assert min(ref["bbox/AP"], ref["segm/AP"]) > 0.05, ref
-    assert min(ref["bbox/AP50"], ref["segm/AP50"]) > 0.1, ref
+    assert len(results) > 10 * NUM_IMAGES
+    # Not vacuous: mid-range AP (neither ~0 nor saturated), and the strict IoU thresholds
+    # matter (AP over .5:.95 well below AP50).
+    for iou_type in ("bbox", "segm"):
+        assert 0.2 <= ref[f"{iou_type}/AP"] <= 0.8, ref  # measured: bbox 0.364, segm 0.262
+        assert ref[f"{iou_type}/AP50"] - ref[f"{iou_type}/AP"] >= 0.1, ref
     assert set(ours) == {f"{t}/{n}" for t in ("bbox", "segm") for n in evaluation.STAT_NAMES}
-    for key in ("bbox/AP", "bbox/AP50", "segm/AP", "segm/AP50"):
-        assert abs(ours[key] - ref[key]) <= 0.002, (key, ours[key], ref[key])
+    for iou_type in ("bbox", "segm"):
+        for name in ("AP", "AP50", "AP75", "APs", "APm", "AR1", "AR100"):
+            key = f"{iou_type}/{name}"
+            assert abs(ours[key] - ref[key]) <= AP_TOLERANCE, (key, ours[key], ref[key])
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(CHECKPOINT, "checkpoints")),
+                    reason=f"no trained shapes checkpoint at {CHECKPOINT} "
+                           "(set MASKRCNN_JAX_SHAPES_CHECKPOINT to a train.py workdir)")
+def test_real_ground_truth_trained_checkpoint():
+    """On the real shapes ground truth with a model trained on it (configs/shapes.py): eval.py's
+    AP equals torchvision's, run on `to_torchvision` of the same weights, on 24 images."""
+    import importlib.util as util
+
+    from maskrcnn_jax.checkpoints import load_checkpoint
+    from maskrcnn_jax.convert import to_torchvision
+
+    config, variables, train_config = load_checkpoint(CHECKPOINT)
+    spec = util.spec_from_file_location("eval_cli", os.path.join(REPO, "eval.py"))
+    cli = util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    args = cli.argparse.Namespace(data=None, data_dir=None, split=None, manual_dir=None,
+                                  data_config=None)
+    source = cli.load_source(args, train_config)
+    model = torchvision_maskrcnn(config)
+    model.load_state_dict(to_torchvision(config, variables), strict=True)
+    with fast_roi_align():
+        ref, _ = torchvision_coco_metrics(model, source, max_images=24)
+    ours = evaluation.evaluate(config, variables, source, batch_size=8, max_images=24,
+                               progress=False)
+    assert min(ref["bbox/AP"], ref["segm/AP"]) >= 0.25, ref  # a trained model
+    for key in ("bbox/AP", "bbox/AP50", "bbox/AP75", "segm/AP", "segm/AP50", "segm/AP75"):
+        assert abs(ours[key] - ref[key]) <= AP_TOLERANCE, (key, ours[key], ref[key])
+
+
+def test_separable_roi_align_is_the_cpp_kernel():
+    """The torchvision RoIAlign stand-in used above agrees with a NumPy loop of the C++ kernel,
+    boxes beyond the map included (where torchvision's Python fallback differs)."""
+    from maskrcnn_jax.testing.torch_models import separable_roi_align
+    from tests.ops.test_roi_align import numpy_roi_align
+
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((2, 20, 30, 4)).astype(np.float32)
+    xy = rng.uniform(-40, 140, (30, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(0.5, 80, (30, 2))], 1).astype(np.float32)
+    image = np.arange(30) % 2
+    rois = torch.from_numpy(np.concatenate([image[:, None], boxes], 1).astype(np.float32))
+    for sampling_ratio in (2, 0):
+        for aligned in (False, True):
+            ours = separable_roi_align(torch.from_numpy(features).permute(0, 3, 1, 2), rois,
+                                       0.25, 7, 7, sampling_ratio, aligned)
+            for b in (0, 1):
+                ref = numpy_roi_align(features[b], boxes[image == b], (7, 7), 0.25,
+                                      sampling_ratio, aligned)
+                np.testing.assert_allclose(ours[image == b].permute(0, 2, 3, 1).numpy(), ref,
+                                           atol=1e-5, rtol=0)
 
 
 def test_detections_file(reference, evaluated, dataset):
