@@ -46,8 +46,9 @@ BATCH_SIZE = 8
 # |eval.py AP - torchvision AP| allowed: the 0.2 AP points. Measured 0.0000 here and on
 # 24 images of the trained checkpoint (both sides see the same detections up to float32 rounding:
 # an AP moves only where rounding flips an IoU threshold or a score order); bench/eval_agreement.py
-# on all 200 shapes validation images measured at most 0.0011 (segm AP) with the committed
-# RoIAlign and 0.0000 with the working tree of 2026-11-23.
+# on all 200 shapes validation images measured 0.0011 (segm AP) before the fix of the stem
+# max-pool's leak across the image region (commit 1aa09b8; it touched only ResNet-18/34 images
+# smaller than the canvas) and 0.0000 on every metric after it.
 AP_TOLERANCE = 0.002
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CHECKPOINT = os.environ.get("MASKRCNN_JAX_SHAPES_CHECKPOINT", "/tmp/shapes_main2")
