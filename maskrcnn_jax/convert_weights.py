@@ -43,7 +43,9 @@ class _StateDictReader:
         value = self._tensors[key]
         if hasattr(value, "detach"):  # torch.Tensor, without importing torch
             value = value.detach().cpu().float().numpy()
-        array = np.asarray(value, dtype=np.float32)
+        # A copy: `Tensor.numpy()` shares the tensor's memory, and a torch model trained or
+        # edited in place after conversion must not change the converted variables.
+        array = np.array(value, dtype=np.float32)
         if len(array.shape) != len(shape) or any(
             want is not None and got != want for got, want in zip(array.shape, shape)
         ):

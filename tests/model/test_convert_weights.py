@@ -88,6 +88,19 @@ def test_numpy_input_gives_same_result(state_dict, converted):
     jax.tree_util.tree_map(np.testing.assert_array_equal, as_numpy, converted)
 
 
+def test_converted_variables_do_not_alias_the_torch_tensors(state_dict):
+    """Changing the torch tensors in place after conversion (training the torch model on) must
+    not change the converted variables: `Tensor.numpy()` is a view, so conversion copies."""
+    sd = {k: v.clone() for k, v in state_dict.items()}
+    variables = torchvision_to_flax(sd, num_classes=NUM_CLASSES)
+    before = jax.tree_util.tree_map(np.copy, variables)
+    with torch.no_grad():
+        for v in sd.values():
+            if v.is_floating_point():
+                v.add_(1.0)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, variables, before)
+
+
 def test_layouts(state_dict, converted):
     p = converted["params"]
     conv = state_dict["backbone.body.layer2.0.conv2.weight"].numpy()  # (O, I, kh, kw)
