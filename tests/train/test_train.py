@@ -48,7 +48,8 @@ def tiny_config(data_dir, **overrides):
     config.mask_rois_per_image = 4
     config.optimizer.warmup_steps = 2
     config.optimizer.milestones = (1000,)
-    config.optimizer.reference_batch_size = 8  # lr 0.01 at batch 4, independent of the recipe
+    config.optimizer.learning_rate = 0.02  # at batch 8: independent of the shapes recipe
+    config.optimizer.reference_batch_size = 8
     config.log_every_steps = 1
     config.checkpoint_every_steps = 2
     config.final_eval = False
