@@ -6,8 +6,8 @@ checkpoints that resume exactly.
 Re-running with the same workdir resumes from the latest checkpoint (parameters, optimizer state,
 step, data position; the PRNG key of a step depends only on the seed and the step). SIGTERM
 saves a checkpoint at the current step and exits cleanly. Metrics go to `workdir/metrics.jsonl`
-and TensorBoard (`workdir/tb`); at the end the model is evaluated (COCO box and mask AP) when
-`maskrcnn_jax.evaluation` is available, and the final metrics are printed.
+and TensorBoard (`workdir/tb`); at the end the model is evaluated (COCO box and mask AP,
+`final_eval`) and the final metrics are printed.
 """
 
 import logging
@@ -76,13 +76,9 @@ class SigtermFlag:
 
 
 def evaluate(config, model_cfg, state, workdir: str):
-    """COCO metrics of the current parameters on the eval split; {} if the evaluation module is
-    not available."""
-    try:
-        from maskrcnn_jax import evaluation
-    except ImportError as e:
-        log.warning("skipping evaluation: %s", e)
-        return {}
+    """COCO metrics of the current parameters on the eval split."""
+    from maskrcnn_jax import evaluation
+
     variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
     return evaluation.evaluate(model_cfg, variables, load_source(config.data, config.data.eval_split),
                                batch_size=config.data.eval_batch_size, workdir=workdir)

@@ -22,7 +22,6 @@ import contextlib
 import os
 import resource
 import sys
-import time
 
 import numpy as np
 
@@ -35,6 +34,7 @@ from maskrcnn_jax.convert import from_torchvision  # noqa: E402
 from maskrcnn_jax.predictor import Predictor  # noqa: E402
 from maskrcnn_jax.testing import import_torchvision  # noqa: E402
 from maskrcnn_jax.testing.torch_models import fast_roi_align  # noqa: E402
+from timing import median_seconds, seconds  # noqa: E402  (bench/timing.py)
 
 
 def _images(rng, size, n):
@@ -90,27 +90,15 @@ def main():
                 roi_align_ctx = (fast_roi_align() if args.torch_roi_align == "separable"
                                  else contextlib.nullcontext())
                 with torch.no_grad(), roi_align_ctx:
-                    model(tensors)
-                    times = []
-                    for _ in range(args.repeats):
-                        start = time.perf_counter()
-                        model(tensors)
-                        times.append(time.perf_counter() - start)
-                tv_ms = 1e3 * float(np.median(times))
+                    tv_ms = 1e3 * median_seconds(lambda: model(tensors), args.repeats)
             for dtype in args.dtypes:
                 config, variables = from_torchvision(
                     state, canvas_size=canvas, compute_dtype=dtype, min_size=min(size),
                     max_size=max(size))
                 predictor = Predictor(config, variables, batch_size=batch)
-                start = time.perf_counter()
-                predictor(images)
-                compile_s = time.perf_counter() - start
-                times = []
-                for _ in range(args.repeats):
-                    start = time.perf_counter()
-                    predictor(images)
-                    times.append(time.perf_counter() - start)
-                jax_ms = 1e3 * float(np.median(times))
+                compile_s = seconds(lambda: predictor(images))
+                jax_ms = 1e3 * median_seconds(lambda: predictor(images), args.repeats,
+                                              warmup=False)
                 tv = (f"{tv_ms:9.1f} {1e3 * batch / tv_ms:9.2f} {tv_ms / jax_ms:6.2f}" if tv_ms
                       else f"{'-':>9} {'-':>9} {'-':>6}")
                 print(f"{size_text:>9} {batch:5d} {dtype:>8} {compile_s:9.1f} {jax_ms:9.1f} "

@@ -12,7 +12,6 @@ pure-PyTorch RoIAlign provided by tests/torchvision_cpu.py; the header says whic
 import argparse
 import os
 import sys
-import time
 
 import numpy as np
 
@@ -31,17 +30,7 @@ from torchvision.ops import MultiScaleRoIAlign  # noqa: E402
 
 from maskrcnn_jax.ops.nms import nms_padded  # noqa: E402
 from maskrcnn_jax.ops.roi_align import multilevel_roi_align  # noqa: E402
-
-
-def _time(fn, repeats):
-    """Median wall time in seconds of `fn()` over `repeats` calls (after one warm-up call)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+from timing import median_seconds, seconds  # noqa: E402  (bench/timing.py)
 
 
 def _random_boxes(rng, n, size=800.0):
@@ -58,12 +47,10 @@ def bench_nms(n, repeats, rng):
     valid = np.ones(n, bool)
     fn = jax.jit(lambda b, s, v: nms_padded(b, s, v, 0.7, max_output=1000))
     jb, js, jv = jnp.asarray(boxes), jnp.asarray(scores), jnp.asarray(valid)
-    start = time.perf_counter()
-    jax.block_until_ready(fn(jb, js, jv))
-    compile_s = time.perf_counter() - start
-    t_jax = _time(lambda: jax.block_until_ready(fn(jb, js, jv)), repeats)
+    compile_s = seconds(lambda: jax.block_until_ready(fn(jb, js, jv)))
+    t_jax = median_seconds(lambda: jax.block_until_ready(fn(jb, js, jv)), repeats)
     tb, ts = torch.from_numpy(boxes), torch.from_numpy(scores)
-    t_tv = _time(lambda: torchvision.ops.nms(tb, ts, 0.7), repeats)
+    t_tv = median_seconds(lambda: torchvision.ops.nms(tb, ts, 0.7), repeats)
     return f"NMS {n} boxes (iou 0.7)", t_jax, t_tv, compile_s
 
 
@@ -79,16 +66,14 @@ def bench_roi_align(num_rois, output_size, repeats, rng):
 
     fn = jax.jit(lambda f, b: multilevel_roi_align(f, b, output_size, scales, sampling_ratio=2))
     jf, jb = [jnp.asarray(f) for f in feats], jnp.asarray(boxes)
-    start = time.perf_counter()
-    jax.block_until_ready(fn(jf, jb))
-    compile_s = time.perf_counter() - start
-    t_jax = _time(lambda: jax.block_until_ready(fn(jf, jb)), repeats)
+    compile_s = seconds(lambda: jax.block_until_ready(fn(jf, jb)))
+    t_jax = median_seconds(lambda: jax.block_until_ready(fn(jf, jb)), repeats)
 
     pooler = MultiScaleRoIAlign(["0", "1", "2", "3"], output_size, sampling_ratio=2)
     tfeats = {str(i): torch.from_numpy(f.transpose(2, 0, 1)[None].copy()) for i, f in enumerate(feats)}
     tboxes = [torch.from_numpy(boxes)]
     with torch.no_grad():
-        t_tv = _time(lambda: pooler(tfeats, tboxes, [canvas]), repeats)
+        t_tv = median_seconds(lambda: pooler(tfeats, tboxes, [canvas]), repeats)
     label = f"RoIAlign {num_rois} RoIs, 4 levels, {channels} ch, {output_size[0]}x{output_size[1]}"
     return label, t_jax, t_tv, compile_s
 

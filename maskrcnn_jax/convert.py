@@ -58,6 +58,16 @@ def from_torchvision(state_dict, **kwargs):
     return model_config(**kwargs), variables
 
 
+def check_torchvision_architecture(config):
+    """Raise ValueError if torchvision has no counterpart of the config's backbone: a ResNet
+    18/34/50/101 with FrozenBatchNorm2d (not GroupNorm, not the test-only 'tiny')."""
+    norm = config.get("backbone_norm", "frozen_bn")
+    if norm != "frozen_bn":
+        raise ValueError(f"backbone_norm {norm!r} has no torchvision counterpart (frozen_bn only)")
+    if config.backbone not in ("resnet18", "resnet34", "resnet50", "resnet101"):
+        raise ValueError(f"backbone {config.backbone!r} has no torchvision counterpart")
+
+
 def to_torchvision(config, variables):
     """torchvision state dict (torch float32 tensors) of a maskrcnn_jax model: the inverse of
     `from_torchvision`, for a torchvision `MaskRCNN` built with the config's architecture
@@ -72,11 +82,7 @@ def to_torchvision(config, variables):
     """
     import torch
 
-    norm = config.get("backbone_norm", "frozen_bn")
-    if norm != "frozen_bn":
-        raise ValueError(f"backbone_norm {norm!r} has no torchvision counterpart (frozen_bn only)")
-    if config.backbone not in ("resnet18", "resnet34", "resnet50", "resnet101"):
-        raise ValueError(f"backbone {config.backbone!r} has no torchvision counterpart")
+    check_torchvision_architecture(config)
     state_dict = flax_to_torchvision(variables)
     found = {
         "backbone": _backbone_name(state_dict),

@@ -11,6 +11,7 @@ function's argument order) and `config.json` (what host pre/post-processing need
 the exporting backend by default; pass `platforms=("cpu", "cuda", "tpu")` for a portable one.
 """
 
+import functools
 import json
 import os
 from typing import Sequence
@@ -79,28 +80,10 @@ class ExportedPredictor:
         self.variables = jax.device_put(jax.tree_util.tree_unflatten(treedef, leaves))
 
     def __call__(self, images):
-        import jax
+        from maskrcnn_jax.transform import detect_in_batches
 
-        from maskrcnn_jax.transform import paste_masks, preprocess, resize_boxes
-
-        results = []
-        for start in range(0, len(images), self.batch_size):
-            chunk = list(images[start:start + self.batch_size])
-            blanks = [np.zeros((32, 32, 3), np.uint8)] * (self.batch_size - len(chunk))
-            batch = preprocess(chunk + blanks, self.config)
-            out = jax.device_get(self.exported.call(
-                self.variables, batch.images, batch.image_sizes, batch.padded_sizes))
-            for i in range(len(chunk)):
-                n = int(out["valid"][i].sum())
-                original = tuple(int(v) for v in batch.original_sizes[i])
-                boxes = resize_boxes(out["boxes"][i, :n], batch.image_sizes[i], original)
-                results.append({
-                    "boxes": boxes,
-                    "scores": np.asarray(out["scores"][i, :n], np.float32),
-                    "labels": np.asarray(out["labels"][i, :n], np.int64),
-                    "masks": paste_masks(out["mask_probs"][i, :n], boxes, original)[:, None],
-                })
-        return results
+        return detect_in_batches(images, self.config, self.batch_size, functools.partial(
+            self.exported.call, self.variables))
 
 
 def load_exported(directory) -> ExportedPredictor:

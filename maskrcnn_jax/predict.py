@@ -52,24 +52,15 @@ def draw_detections(image, detections, class_names=None, score_threshold=0.5):
 
 
 def coco_results(detections, image_id, category_ids=None):
-    """COCO results-format dicts for one image's detections (bbox xywh, RLE masks)."""
-    from pycocotools import mask as mask_utils
+    """COCO results-format dicts for one image's detections (bbox xywh, RLE masks), as
+    `evaluation.detections_to_coco`; labels are the category ids unless `category_ids`, a
+    `{label: category id}` dict, maps them."""
+    from maskrcnn_jax.evaluation import detections_to_coco
 
-    results = []
-    for i in range(len(detections["scores"])):
-        x1, y1, x2, y2 = (float(v) for v in detections["boxes"][i])
-        binary = np.asfortranarray((detections["masks"][i, 0] >= 0.5).astype(np.uint8))
-        rle = mask_utils.encode(binary)
-        rle["counts"] = rle["counts"].decode("ascii")
-        label = int(detections["labels"][i])
-        results.append({
-            "image_id": image_id,
-            "category_id": int(category_ids[label]) if category_ids else label,
-            "bbox": [x1, y1, x2 - x1, y2 - y1],
-            "score": float(detections["scores"][i]),
-            "segmentation": rle,
-        })
-    return results
+    labels = np.asarray(detections["labels"]).reshape(-1)
+    mapping = category_ids or {int(label): int(label) for label in labels}
+    return detections_to_coco(image_id, detections["boxes"], detections["scores"], labels,
+                              detections["masks"], mapping)
 
 
 def main(argv=None):

@@ -8,13 +8,14 @@ function in fixed-size batches, and mapped back to original-image pixels on the 
 image whose resized size fits the canvas reuses the same compiled function.
 """
 
+import functools
 from typing import Sequence
 
 import jax
 import numpy as np
 
 from maskrcnn_jax.model import MaskRCNN, frozen
-from maskrcnn_jax.transform import paste_masks, preprocess, resize_boxes
+from maskrcnn_jax.transform import detect_in_batches
 
 
 class Predictor:
@@ -45,27 +46,5 @@ class Predictor:
           float32 in decreasing order, `labels (N,)` int64 (1-based), `masks (N, 1, H, W)`
           float32 probabilities.
         """
-        if isinstance(images, np.ndarray) and images.ndim == 3:
-            raise ValueError("expected a sequence of images; wrap a single image in a list")
-        results = []
-        for start in range(0, len(images), self.batch_size):
-            chunk = list(images[start:start + self.batch_size])
-            blanks = self.batch_size - len(chunk)
-            batch = preprocess(chunk + [np.zeros((32, 32, 3), np.uint8)] * blanks, self.config)
-            out = jax.device_get(self._forward(
-                self.variables, batch.images, batch.image_sizes, batch.padded_sizes))
-            for i in range(len(chunk)):
-                results.append(self._finish(out, i, batch))
-        return results
-
-    def _finish(self, out, i, batch):
-        n = int(out["valid"][i].sum())
-        original = tuple(int(v) for v in batch.original_sizes[i])
-        boxes = resize_boxes(out["boxes"][i, :n], batch.image_sizes[i], original)
-        masks = paste_masks(out["mask_probs"][i, :n], boxes, original)
-        return {
-            "boxes": boxes,
-            "scores": np.asarray(out["scores"][i, :n], np.float32),
-            "labels": np.asarray(out["labels"][i, :n], np.int64),
-            "masks": masks[:, None],
-        }
+        return detect_in_batches(images, self.config, self.batch_size, functools.partial(
+            self._forward, self.variables))

@@ -149,3 +149,38 @@ def paste_masks(masks: np.ndarray, boxes: np.ndarray, image_size, padding: int =
         if xb > xa and yb > ya:
             out[i, ya:yb, xa:xb] = resized[ya - y0:yb - y0, xa - x0:xb - x0]
     return out
+
+
+def detect_in_batches(images: Sequence[np.ndarray], config, batch_size: int, forward) -> list[dict]:
+    """Host side of batched inference, shared by `Predictor` and the exported model's loader.
+
+    Images are preprocessed in chunks of `batch_size` (a short last chunk is padded with blank
+    images, so the compiled shape never changes), run through `forward(images, image_sizes,
+    padded_sizes)` (the network: padded detections as host or device arrays), and mapped back
+    to original-image pixels.
+
+    Returns:
+      One dict per image, as torchvision's Mask R-CNN in eval mode: `boxes (N, 4)` float32
+      `(x1, y1, x2, y2)` in original-image pixels, `scores (N,)` float32 (decreasing),
+      `labels (N,)` int64, `masks (N, 1, H, W)` float32 probabilities.
+    """
+    if isinstance(images, np.ndarray) and images.ndim == 3:
+        raise ValueError("expected a sequence of images; wrap a single image in a list")
+    results = []
+    for start in range(0, len(images), batch_size):
+        chunk = list(images[start:start + batch_size])
+        blanks = [np.zeros((32, 32, 3), np.uint8)] * (batch_size - len(chunk))
+        batch = preprocess(chunk + blanks, config)
+        out = {k: np.asarray(v) for k, v in
+               forward(batch.images, batch.image_sizes, batch.padded_sizes).items()}
+        for i in range(len(chunk)):
+            n = int(out["valid"][i].sum())  # detections are packed first, padding after
+            original = tuple(int(v) for v in batch.original_sizes[i])
+            boxes = resize_boxes(out["boxes"][i, :n], batch.image_sizes[i], original)
+            results.append({
+                "boxes": boxes,
+                "scores": np.asarray(out["scores"][i, :n], np.float32),
+                "labels": np.asarray(out["labels"][i, :n], np.int64),
+                "masks": paste_masks(out["mask_probs"][i, :n], boxes, original)[:, None],
+            })
+    return results

@@ -34,6 +34,7 @@ from maskrcnn_jax.losses import LOSS_NAMES, compute_losses, mask_loss
 from maskrcnn_jax.model import MaskRCNN, frozen
 from maskrcnn_jax.ops.boxes import decode_boxes
 from maskrcnn_jax.ops.mask_targets import crop_masks_to_boxes
+from maskrcnn_jax.testing.images import ellipse_image
 from maskrcnn_jax.testing.torch_models import randomize_frozen_bn_and_biases
 from maskrcnn_jax.transform import preprocess
 
@@ -59,14 +60,8 @@ MASK_ROIS = 32
 
 
 def _image(rng, h, w):
-    """A smooth uint8 RGB image with a few bright ellipses."""
-    yy, xx = np.mgrid[:h, :w]
-    image = np.stack([(xx / w) * 120, (yy / h) * 120, np.full((h, w), 60.0)], -1)
-    for _ in range(4):
-        cy, cx = rng.uniform(0.2, 0.8) * h, rng.uniform(0.2, 0.8) * w
-        ry, rx = rng.uniform(0.08, 0.25) * h, rng.uniform(0.08, 0.25) * w
-        image[((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1] = rng.uniform(80, 255, 3)
-    return np.clip(image + rng.normal(0, 4, image.shape), 0, 255).astype(np.uint8)
+    """A smooth uint8 RGB image with four bright ellipses."""
+    return ellipse_image(rng, h, w, num_ellipses=4)
 
 
 def _ellipse_objects(canvas, image_size, ellipses, num_slots):

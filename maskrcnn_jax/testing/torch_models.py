@@ -60,6 +60,7 @@ def torchvision_maskrcnn(config):
     `box_pre_nms_top_n` has no torchvision counterpart (torchvision keeps every candidate above
     the score threshold).
     """
+    from maskrcnn_jax.convert import check_torchvision_architecture
     from maskrcnn_jax.testing import import_torchvision
 
     torchvision = import_torchvision()
@@ -70,10 +71,7 @@ def torchvision_maskrcnn(config):
     from torchvision.models.detection.rpn import RPNHead
     from torchvision.ops.misc import FrozenBatchNorm2d
 
-    if config.get("backbone_norm", "frozen_bn") != "frozen_bn":
-        raise ValueError(f"backbone_norm {config.backbone_norm!r} has no torchvision counterpart")
-    if config.backbone not in ("resnet18", "resnet34", "resnet50", "resnet101"):
-        raise ValueError(f"backbone {config.backbone!r} has no torchvision counterpart")
+    check_torchvision_architecture(config)
     body = getattr(torchvision.models, config.backbone)(weights=None,
                                                         norm_layer=FrozenBatchNorm2d)
     # As `_resnet_fpn_extractor` (C2..C5 into the FPN, LastLevelMaxPool), which fixes 256

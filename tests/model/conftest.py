@@ -13,6 +13,7 @@ import torchvision
 
 from maskrcnn_jax.convert import from_torchvision
 from maskrcnn_jax.predictor import Predictor
+from maskrcnn_jax.testing.images import ellipse_image
 from maskrcnn_jax.testing.torch_models import make_confident
 
 KWARGS = dict(num_classes=5, min_size=320, max_size=480, box_score_thresh=0.05,
@@ -22,15 +23,8 @@ IMAGE_SHAPES = [(240, 320), (300, 200), (256, 256)]
 
 
 def image(rng, h, w):
-    """A smooth image with a few bright rectangles and ellipses (uint8 RGB)."""
-    yy, xx = np.mgrid[:h, :w]
-    image = np.stack([(xx / w) * 120, (yy / h) * 120, np.full((h, w), 60.0)], -1)
-    for _ in range(5):
-        cy, cx = rng.uniform(0.2, 0.8) * h, rng.uniform(0.2, 0.8) * w
-        ry, rx = rng.uniform(0.08, 0.25) * h, rng.uniform(0.08, 0.25) * w
-        inside = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
-        image[inside] = rng.uniform(80, 255, 3)
-    return np.clip(image + rng.normal(0, 4, image.shape), 0, 255).astype(np.uint8)
+    """A smooth image with five bright ellipses (uint8 RGB)."""
+    return ellipse_image(rng, h, w, num_ellipses=5)
 
 
 @pytest.fixture(scope="session")
