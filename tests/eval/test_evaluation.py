@@ -31,7 +31,7 @@ from maskrcnn_jax import evaluation
 from maskrcnn_jax.config import model_config
 from maskrcnn_jax.convert import from_torchvision, save
 from maskrcnn_jax.data import builders, shapes
-from maskrcnn_jax.testing.torch_models import (fast_roi_align, make_confident,
+from maskrcnn_jax.testing.torch_models import (make_confident,
                                                randomize_frozen_bn_and_biases,
                                                torchvision_coco_metrics, torchvision_maskrcnn)
 
@@ -140,7 +140,7 @@ def dataset(torch_model, tmp_path_factory):
         image_id = 1000 + 7 * index
         file_name = f"{image_id}.png"  # lossless: the builder's decode gives the same pixels
         Image.fromarray(image).save(root / "val" / file_name)
-        with torch.no_grad(), fast_roi_align():
+        with torch.no_grad():
             out = torch_model([torch.from_numpy(image).permute(2, 0, 1).float() / 255.0])[0]
         outputs[image_id] = out
         h, w = image.shape[:2]
@@ -222,36 +222,12 @@ def test_real_ground_truth_trained_checkpoint():
     source = cli.load_source(args, train_config)
     model = torchvision_maskrcnn(config)
     model.load_state_dict(to_torchvision(config, variables), strict=True)
-    with fast_roi_align():
-        ref, _ = torchvision_coco_metrics(model, source, max_images=24)
+    ref, _ = torchvision_coco_metrics(model, source, max_images=24)
     ours = evaluation.evaluate(config, variables, source, batch_size=8, max_images=24,
                                progress=False)
     assert min(ref["bbox/AP"], ref["segm/AP"]) >= 0.25, ref  # a trained model
     for key in ("bbox/AP", "bbox/AP50", "bbox/AP75", "segm/AP", "segm/AP50", "segm/AP75"):
         assert abs(ours[key] - ref[key]) <= AP_TOLERANCE, (key, ours[key], ref[key])
-
-
-def test_separable_roi_align_is_the_cpp_kernel():
-    """The torchvision RoIAlign stand-in used above agrees with a NumPy loop of the C++ kernel,
-    boxes beyond the map included (where torchvision's Python fallback differs)."""
-    from maskrcnn_jax.testing.torch_models import separable_roi_align
-    from tests.ops.test_roi_align import numpy_roi_align
-
-    rng = np.random.default_rng(0)
-    features = rng.standard_normal((2, 20, 30, 4)).astype(np.float32)
-    xy = rng.uniform(-40, 140, (30, 2))
-    boxes = np.concatenate([xy, xy + rng.uniform(0.5, 80, (30, 2))], 1).astype(np.float32)
-    image = np.arange(30) % 2
-    rois = torch.from_numpy(np.concatenate([image[:, None], boxes], 1).astype(np.float32))
-    for sampling_ratio in (2, 0):
-        for aligned in (False, True):
-            ours = separable_roi_align(torch.from_numpy(features).permute(0, 3, 1, 2), rois,
-                                       0.25, 7, 7, sampling_ratio, aligned)
-            for b in (0, 1):
-                ref = numpy_roi_align(features[b], boxes[image == b], (7, 7), 0.25,
-                                      sampling_ratio, aligned)
-                np.testing.assert_allclose(ours[image == b].permute(0, 2, 3, 1).numpy(), ref,
-                                           atol=1e-5, rtol=0)
 
 
 def test_detections_file(reference, evaluated, dataset):

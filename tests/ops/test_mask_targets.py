@@ -1,7 +1,7 @@
 """Mask targets vs torchvision's `project_masks_on_boxes`, and the compact (cropped) form's error.
 
-References: torchvision.models.detection.roi_heads.project_masks_on_boxes (its pure-PyTorch
-RoIAlign, see tests/ops/test_roi_align.py for the shim fix imported below) on random masks and
+References: torchvision.models.detection.roi_heads.project_masks_on_boxes (its compiled
+RoIAlign) on random masks and
 boxes; the compact form is measured against our full-resolution targets on realistic data
 (filled ellipses / star polygons in their tight boxes, proposals jittered GT boxes).
 """
@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import tests.ops.test_roi_align  # noqa: F401  (installs the bounded torchvision RoIAlign fallback)
 import torch
 from torchvision.models.detection.roi_heads import project_masks_on_boxes as tv_project
 

@@ -1,7 +1,7 @@
 """Tests of `maskrcnn_jax.ops.nms` against torchvision's `nms` / `batched_nms` (exact indices).
 
-The reference is `torchvision.ops.nms` (the pure-torch transcription of the C++ CPU kernel from
-tests/torchvision_cpu.py: stable descending sort, IoU > threshold in float32) applied to the
+The reference is `torchvision.ops.nms` (its compiled C++ CPU kernel: stable descending sort,
+IoU > threshold in float32) applied to the
 valid boxes only, mapped back to the padded indices. Boxes are clustered (jittered copies of a
 few base boxes) so that IoUs spread over [0, 1] and long suppression chains occur; each data
 set asserts that a good share of the boxes is suppressed, so the comparison is not vacuous.
