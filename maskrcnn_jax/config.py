@@ -45,6 +45,11 @@ STATIC_DEFAULTS: dict[str, Any] = dict(
     # converted weights) or 'group_norm' (trainable, masked to each image; for training from
     # scratch; such models do not convert to torchvision).
     backbone_norm="frozen_bn",
+    # eps of the backbone's FrozenBatchNorm2d: torchvision's default 1e-5, but torchvision's
+    # weights builder for the official COCO_V1 checkpoint calls `overwrite_eps(model, 0.0)`, and
+    # pretrained ResNets have near-dead channels (running_var ~1e-7) where 1e-5 vs 0 changes the
+    # detections: convert that checkpoint with 0.0.
+    frozen_bn_eps=1e-5,
     # Fixed (height, width) every resized image is padded into; None: a square of the largest
     # resized side rounded up to 32, so every image fits in either orientation.
     canvas_size=None,
@@ -79,6 +84,9 @@ def model_config(**kwargs) -> ml_collections.ConfigDict:
     for key in ("image_mean", "image_std", "bbox_reg_weights"):
         values[key] = tuple(float(v) for v in values[key])
     values["mask_head_layers"] = tuple(int(v) for v in values["mask_head_layers"])
+    values["frozen_bn_eps"] = float(values["frozen_bn_eps"])
+    if values["frozen_bn_eps"] < 0:
+        raise ValueError(f"frozen_bn_eps {values['frozen_bn_eps']} must be >= 0")
     if values["canvas_size"] is None:
         side = _round_up(max(values["min_size"], values["max_size"]), values["size_divisible"])
         values["canvas_size"] = (side, side)

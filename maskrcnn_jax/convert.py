@@ -2,11 +2,15 @@
 
     from maskrcnn_jax.convert import from_torchvision, to_torchvision
     config, variables = from_torchvision(torch.load(path, weights_only=True), num_classes=91)
+    # torchvision's official COCO_V1 checkpoint runs with eps 0 (overwrite_eps(model, 0.0)):
+    # from_torchvision(torch.load("maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth"), frozen_bn_eps=0.0)
     state_dict = to_torchvision(config, variables)  # the inverse (e.g. for a trained model)
 
 CLI (writes an Orbax checkpoint of the variables and the config as JSON):
 
     python -m maskrcnn_jax.convert model.pth --out DIR [--num-classes 91] [--min-size 800] ...
+    python -m maskrcnn_jax.convert maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth --out DIR \
+        --frozen-bn-eps 0.0
 """
 
 import argparse
@@ -38,12 +42,17 @@ def _backbone_name(state_dict, prefix="backbone.body."):
     return name
 
 
-def from_torchvision(state_dict, **kwargs):
+def from_torchvision(state_dict, frozen_bn_eps=STATIC_DEFAULTS["frozen_bn_eps"], **kwargs):
     """(config, variables) reproducing torchvision's `maskrcnn_resnet50_fpn(**kwargs)` with this
     state dict.
 
     Args:
       state_dict: a torchvision Mask R-CNN state dict (torch tensors or arrays).
+      frozen_bn_eps: eps of the backbone's FrozenBatchNorm2d, stored in the config. torchvision's
+        default is 1e-5, but `maskrcnn_resnet50_fpn(weights=COCO_V1)` calls
+        `overwrite_eps(model, 0.0)`: pass 0.0 for that official checkpoint
+        (`maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth`), whose near-dead channels (tiny
+        running_var) make 1e-5 change the detections.
       **kwargs: torchvision's keyword names and defaults (num_classes, min_size, max_size,
         box_score_thresh, box_nms_thresh, box_detections_per_img, rpn_pre_nms_top_n_test, ...),
         plus maskrcnn_jax's static settings (canvas_size, box_pre_nms_top_n, compute_dtype).
@@ -55,7 +64,7 @@ def from_torchvision(state_dict, **kwargs):
     kwargs.setdefault("backbone", _backbone_name(state_dict))
     num_classes = kwargs.get("num_classes", TORCHVISION_DEFAULTS["num_classes"])
     variables = torchvision_to_flax(state_dict, num_classes=num_classes)
-    return model_config(**kwargs), variables
+    return model_config(frozen_bn_eps=frozen_bn_eps, **kwargs), variables
 
 
 def check_torchvision_architecture(config):
@@ -72,7 +81,8 @@ def to_torchvision(config, variables):
     """torchvision state dict (torch float32 tensors) of a maskrcnn_jax model: the inverse of
     `from_torchvision`, for a torchvision `MaskRCNN` built with the config's architecture
     (`maskrcnn_jax.testing.torch_models.torchvision_maskrcnn(config)`: ResNet with
-    FrozenBatchNorm2d, `fpn_channels`, head widths, `num_classes`).
+    FrozenBatchNorm2d of eps `frozen_bn_eps`, `fpn_channels`, head widths, `num_classes`). A
+    state dict holds no eps: a torch model built otherwise must be given the config's.
 
     `from_torchvision(to_torchvision(config, v), **config)` gives `v` back bit for bit.
 
@@ -147,7 +157,15 @@ def main(argv=None):
         description="Convert a torchvision Mask R-CNN checkpoint to a maskrcnn_jax checkpoint.")
     parser.add_argument("checkpoint", help="torchvision state dict (.pth), or a dict with 'model'")
     parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument(
+        "--frozen-bn-eps", dest="frozen_bn_eps", type=float,
+        default=STATIC_DEFAULTS["frozen_bn_eps"],
+        help="eps of the backbone's FrozenBatchNorm2d (default: %(default)s); 0.0 for "
+             "torchvision's official COCO_V1 checkpoint, which torchvision runs with "
+             "overwrite_eps(model, 0.0)")
     for key, default in {**TORCHVISION_DEFAULTS, **STATIC_DEFAULTS}.items():
+        if key == "frozen_bn_eps":
+            continue  # added above, as a float with its own help
         parser.add_argument("--" + key.replace("_", "-"), dest=key, type=_parse_value, default=None,
                             help=f"default: {default}")
     args = parser.parse_args(argv)

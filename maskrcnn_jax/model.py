@@ -79,7 +79,10 @@ class MaskRCNN(nn.Module):
         dtype = None if cfg.compute_dtype == "float32" else jnp.dtype(cfg.compute_dtype)
         if cfg.backbone not in BACKBONES:
             raise ValueError(f"unknown backbone {cfg.backbone!r}; choose from {sorted(BACKBONES)}")
-        self.backbone = BACKBONES[cfg.backbone](dtype=dtype, norm=cfg.get("backbone_norm", "frozen_bn"))
+        # Configs saved before `frozen_bn_eps` existed ran with torchvision's default 1e-5.
+        self.backbone = BACKBONES[cfg.backbone](
+            dtype=dtype, norm=cfg.get("backbone_norm", "frozen_bn"),
+            frozen_bn_eps=float(cfg.get("frozen_bn_eps", 1e-5)))
         self.fpn = models.FeaturePyramidNetwork(cfg.fpn_channels, dtype=dtype)
         self.rpn_head = models.RPNHead(num_anchors=3, dtype=dtype)
         self.box_head = models.TwoMLPHead(cfg.box_representation_size, dtype=dtype)

@@ -76,6 +76,11 @@ class FrozenBatchNorm(nn.Module):
     `bias = bias - running_mean * scale`, `x * scale + bias`. The four float32 buffers live in
     the `'batch_stats'` collection under torch's names and are never updated.
 
+    Attributes:
+      eps: added to `running_var`; torchvision's default 1e-5, but its official COCO Mask R-CNN
+        checkpoint runs with 0.0 (`overwrite_eps(model, 0.0)` in its weights builder).
+      dtype: computation dtype (None: the input's).
+
     Input/output: (..., C) channels-last array; output in `dtype` (default: input dtype).
     """
 
@@ -144,9 +149,10 @@ NORMS = ("frozen_bn", "group_norm")
 
 
 def _norm(block, name, x, pixel_valid):
-    """The block's normalisation layer `name` applied to `x` (inside the caller's compact scope)."""
+    """The block's normalisation layer `name` applied to `x` (inside the caller's compact scope);
+    FrozenBatchNorm uses the block's `frozen_bn_eps`."""
     if block.norm == "frozen_bn":
-        return FrozenBatchNorm(dtype=block.dtype, name=name)(x)
+        return FrozenBatchNorm(eps=block.frozen_bn_eps, dtype=block.dtype, name=name)(x)
     if block.norm == "group_norm":
         return MaskedGroupNorm(dtype=block.dtype, name=name)(x, pixel_valid)
     raise ValueError(f"unknown norm {block.norm!r}; choose from {NORMS}")
@@ -163,6 +169,7 @@ class BasicBlock(nn.Module):
     strides: int = 1
     dtype: Any = None
     norm: str = "frozen_bn"
+    frozen_bn_eps: float = 1e-5
     expansion = 1
 
     @nn.compact
@@ -188,6 +195,7 @@ class BottleneckBlock(nn.Module):
     strides: int = 1
     dtype: Any = None
     norm: str = "frozen_bn"
+    frozen_bn_eps: float = 1e-5
     expansion = 4
 
     @nn.compact
@@ -232,6 +240,8 @@ class ResNet(nn.Module):
       dtype: computation dtype (None: input dtype); parameters stay float32.
       norm: 'frozen_bn' (torchvision's FrozenBatchNorm2d, buffers in 'batch_stats') or
         'group_norm' (`MaskedGroupNorm`, trainable, for training from scratch).
+      frozen_bn_eps: FrozenBatchNorm's eps (torchvision's 1e-5; 0.0 reproduces torchvision's
+        official COCO_V1 Mask R-CNN checkpoint, which it runs with `overwrite_eps(model, 0.0)`).
 
     Call: x (N, H, W, 3) normalised image, float; optional pixel_valid (N, H, W) bool, the
     region torchvision would run on (see `zero_outside`). Returns a tuple (C2, C3, C4, C5) of NHWC maps
@@ -244,6 +254,7 @@ class ResNet(nn.Module):
     width: int = 64
     dtype: Any = None
     norm: str = "frozen_bn"
+    frozen_bn_eps: float = 1e-5
 
     @nn.compact
     def __call__(self, x, pixel_valid=None):
@@ -258,6 +269,7 @@ class ResNet(nn.Module):
             for j in range(num_blocks):
                 strides = 2 if (i > 0 and j == 0) else 1
                 x = self.block_cls(self.width * 2**i, strides, dtype=self.dtype, norm=self.norm,
+                                   frozen_bn_eps=self.frozen_bn_eps,
                                    name=f"layer{i + 1}_{j}")(x, pixel_valid)
             features.append(x)
         return tuple(features)

@@ -24,6 +24,28 @@ def randomize_frozen_bn_and_biases(module, seed):
 
 
 @torch.no_grad()
+def freeze_batch_norm(module, eps=1e-5):
+    """Replace every `nn.BatchNorm2d` in `module` (in place) by a `FrozenBatchNorm2d(eps=eps)`
+    holding its weight, bias and running statistics; returns `module`.
+
+    `maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)` builds its ResNet with
+    BatchNorm2d; torchvision's pretrained builders use FrozenBatchNorm2d (eps 0.0 for the COCO_V1
+    Mask R-CNN, after `overwrite_eps`): this makes the former the latter.
+    """
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features, eps=eps)
+            for key in ("weight", "bias", "running_mean", "running_var"):
+                getattr(frozen, key).copy_(getattr(child, key))
+            setattr(module, name, frozen)
+        else:
+            freeze_batch_norm(child, eps)
+    return module
+
+
+@torch.no_grad()
 def make_confident(model):
     """Random weights give flat scores: sharpen a Mask R-CNN's objectness, class, box and mask
     logits so that it detects confidently (without saturating the sigmoid/softmax)."""
@@ -50,8 +72,9 @@ def torchvision_maskrcnn(config):
     eval mode, with random weights: load `maskrcnn_jax.convert.to_torchvision(config, v)` into it.
 
     `maskrcnn_resnet50_fpn` fixes the FPN and head widths; this builds the same network from
-    torchvision's parts for any config: a `resnet18/34/50/101` body with FrozenBatchNorm2d in a
-    `BackboneWithFPN` of `fpn_channels` (as `_resnet_fpn_extractor`, LastLevelMaxPool),
+    torchvision's parts for any config: a `resnet18/34/50/101` body with FrozenBatchNorm2d of eps
+    `frozen_bn_eps` (0.0 for the official COCO_V1 checkpoint) in a `BackboneWithFPN` of
+    `fpn_channels` (as `_resnet_fpn_extractor`, LastLevelMaxPool),
     `RPNHead(fpn_channels, 3)`, `TwoMLPHead(fpn_channels * 7 * 7, box_representation_size)`,
     `FastRCNNPredictor`, `MaskRCNNHeads(fpn_channels, mask_head_layers, 1)`,
     `MaskRCNNPredictor(mask_head_layers[-1], mask_dim_reduced, num_classes)`. The resize
@@ -74,6 +97,12 @@ def torchvision_maskrcnn(config):
     check_torchvision_architecture(config)
     body = getattr(torchvision.models, config.backbone)(weights=None,
                                                         norm_layer=FrozenBatchNorm2d)
+    # The state dict carries no eps: set the config's (as torchvision's `overwrite_eps`), so that
+    # `to_torchvision` weights run here as in maskrcnn_jax. Old configs: torchvision's 1e-5.
+    eps = float(config.get("frozen_bn_eps", 1e-5))
+    for m in body.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            m.eps = eps
     # As `_resnet_fpn_extractor` (C2..C5 into the FPN, LastLevelMaxPool), which fixes 256
     # channels.
     channels = int(config.fpn_channels)
@@ -141,92 +170,3 @@ def torchvision_coco_metrics(model, source, max_images=None, ground_truth=None):
                                          verbose=False)
         metrics.update({f"{iou_type}/{k}": v for k, v in stats.items()})
     return metrics, results
-
-
-def _roi_axis_weights(start, bin_size, grid, pooled, size):
-    """`(K, pooled, size)` weights of one axis: for RoI k and output row/column p, the bilinear
-    weight of each pixel summed over the bin's `grid[k]` samples and divided by `grid[k]`, with
-    the C++ kernel's rules (a sample beyond [-1, size] counts 0, coordinates clamp to the
-    border)."""
-    k = start.shape[0]
-    g = max(int(grid.max().item()), 1)
-    i = torch.arange(g, dtype=start.dtype)
-    p = torch.arange(pooled, dtype=start.dtype)
-    coords = (start[:, None, None] + p[None, :, None] * bin_size[:, None, None]
-              + (i[None, None, :] + 0.5) * (bin_size / grid.clamp(min=1))[:, None, None])
-    use = (i[None, None, :] < grid[:, None, None]) & (coords >= -1.0) & (coords <= size)
-    coords = coords.clamp(min=0.0)
-    low = coords.floor().long()
-    at_end = low >= size - 1
-    low = torch.where(at_end, torch.full_like(low, size - 1), low)
-    high = torch.where(at_end, low, low + 1)
-    coords = torch.where(at_end, low.to(coords.dtype), coords)
-    frac = coords - low.to(coords.dtype)
-    weights = torch.zeros(k, pooled, g, size, dtype=start.dtype)
-    weights.scatter_add_(3, low[..., None], ((1.0 - frac) * use)[..., None])
-    weights.scatter_add_(3, high[..., None], (frac * use)[..., None])
-    return weights.sum(2) / grid.clamp(min=1).to(start.dtype)[:, None, None]
-
-
-def separable_roi_align(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio,
-                        aligned):
-    """RoIAlign with the C++ kernel's semantics as two matrix products per image, a fast
-    stand-in (same signature) for torchvision's pure-PyTorch `_roi_align`, whose 6-D indexing
-    takes ~1 s per image of a small Mask R-CNN on a CPU.
-
-    Bilinear sampling and the bin average factor into a y part times an x part, so
-    `out[k, c] = Wy[k] @ F[b_k, c] @ Wx[k].T` with dense `(pooled, H)` / `(pooled, W)` weight
-    tables (`_roi_axis_weights`). A different algorithm from both torchvision's Python path and
-    maskrcnn_jax's gather-based op; equal up to float32 summation order.
-
-    Args (torchvision's): input `(N, C, H, W)`; rois `(K, 5)` `(batch index, x1, y1, x2, y2)`;
-    spatial_scale; pooled_height, pooled_width; sampling_ratio (<= 0: adaptive,
-    `ceil(roi size / pooled size)` samples per bin); aligned (half-pixel offset).
-    Returns `(K, C, pooled_height, pooled_width)` in the input's dtype.
-    """
-    n, c, h, w = input.shape
-    k = rois.shape[0]
-    if k == 0:
-        return input.new_zeros((0, c, pooled_height, pooled_width))
-    x = input.float()
-    r = rois.float()
-    offset = 0.5 if aligned else 0.0
-    x1, y1 = r[:, 1] * spatial_scale - offset, r[:, 2] * spatial_scale - offset
-    roi_w, roi_h = r[:, 3] * spatial_scale - offset - x1, r[:, 4] * spatial_scale - offset - y1
-    if not aligned:
-        roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
-    bin_h, bin_w = roi_h / pooled_height, roi_w / pooled_width
-    if sampling_ratio > 0:
-        grid_h = grid_w = torch.full((k,), sampling_ratio, dtype=torch.long)
-    else:
-        grid_h = torch.ceil(roi_h / pooled_height).long()
-        grid_w = torch.ceil(roi_w / pooled_width).long()
-    wy = _roi_axis_weights(y1, bin_h, grid_h, pooled_height, h)  # (K, PH, H)
-    wx = _roi_axis_weights(x1, bin_w, grid_w, pooled_width, w)  # (K, PW, W)
-    out = x.new_zeros((k, c, pooled_height, pooled_width))
-    batch = r[:, 0].long()
-    for b in torch.unique(batch).tolist():
-        sel = torch.nonzero(batch == b)[:, 0]
-        rows = torch.einsum("kph,chw->kcpw", wy[sel], x[b])
-        out[sel] = torch.einsum("kcpw,kqw->kcpq", rows, wx[sel])
-    return out.to(input.dtype)
-
-
-class fast_roi_align:  # noqa: N801  (used as a context manager, like torch.no_grad)
-    """Within `with fast_roi_align():`, torchvision's Python RoIAlign fallback (used where its
-    compiled ops are missing) is `separable_roi_align`; restored on exit."""
-
-    def __enter__(self):
-        import sys
-
-        from maskrcnn_jax.testing import import_torchvision
-
-        import_torchvision()
-        self._module = sys.modules["torchvision.ops.roi_align"]
-        self._saved = self._module._roi_align
-        self._module._roi_align = separable_roi_align
-        return self
-
-    def __exit__(self, *exc):
-        self._module._roi_align = self._saved
-        return False
