@@ -46,12 +46,10 @@ def load_source(data_cfg, split: str):
 
 
 def load_backbone(path: str):
-    """Backbone variables from a torchvision ImageNet ResNet state dict (.pth)."""
-    import torch
+    """Backbone variables from a torchvision ImageNet ResNet state dict (.pth; needs torch)."""
+    from maskrcnn_jax.convert import backbone_from_torchvision_resnet, load_state_dict
 
-    from maskrcnn_jax.convert import backbone_from_torchvision_resnet
-
-    return backbone_from_torchvision_resnet(torch.load(path, map_location="cpu", weights_only=True))
+    return backbone_from_torchvision_resnet(load_state_dict(path))
 
 
 class SigtermFlag:

@@ -27,6 +27,27 @@ from maskrcnn_jax.convert_weights import flax_to_torchvision, resnet_to_flax, to
 _RESNET_DEPTHS = {(2, 2, 2, 2): "resnet18", (3, 4, 6, 3): "resnet50", (3, 4, 23, 3): "resnet101"}
 
 
+def import_torch():
+    """`torch`, or an ImportError naming the extra that installs it (reading or writing a `.pth`
+    needs torch; nothing else in maskrcnn_jax does)."""
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError("reading or writing torchvision checkpoints (.pth) needs torch: "
+                          "pip install -e '.[torch]'") from e
+    return torch
+
+
+def load_state_dict(path):
+    """A torchvision state dict from a `.pth` file (a training checkpoint's 'model' entry too)."""
+    torch = import_torch()
+    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state_dict, dict) and "model" in state_dict and not any(
+            k.startswith("backbone.") for k in state_dict):
+        state_dict = state_dict["model"]
+    return state_dict
+
+
 def _backbone_name(state_dict, prefix="backbone.body."):
     """resnet18/34/50/101 from the block counts (and block type) in a state dict."""
     counts = []
@@ -90,8 +111,7 @@ def to_torchvision(config, variables):
       ValueError: if the config has no torchvision counterpart (a GroupNorm backbone, the test
         'tiny' backbone) or disagrees with the variables (backbone depth, widths, classes).
     """
-    import torch
-
+    torch = import_torch()
     check_torchvision_architecture(config)
     state_dict = flax_to_torchvision(variables)
     found = {
@@ -169,12 +189,7 @@ def main(argv=None):
         parser.add_argument("--" + key.replace("_", "-"), dest=key, type=_parse_value, default=None,
                             help=f"default: {default}")
     args = parser.parse_args(argv)
-    import torch
-
-    state_dict = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-    if isinstance(state_dict, dict) and "model" in state_dict and not any(
-            k.startswith("backbone.") for k in state_dict):
-        state_dict = state_dict["model"]
+    state_dict = load_state_dict(args.checkpoint)
     overrides = {k: v for k, v in vars(args).items() if k not in ("checkpoint", "out") and v is not None}
     config, variables = from_torchvision(state_dict, **overrides)
     save(args.out, config, variables)
