@@ -79,3 +79,28 @@ def test_bfloat16_compute(models):
     assert all(np.isfinite(v).all() for v in out.values())
     assert out["masks"].shape[1:] == (1, *images[0].shape[:2]) and out["masks"].dtype == np.float32
     assert jax.tree_util.tree_all(jax.tree.map(lambda x: x.dtype == np.float32, bf16.variables))
+
+
+def test_convert_cli_frozen_bn_eps(tmp_path, capsys):
+    """`--frozen-bn-eps` (0.0 for torchvision's COCO_V1 checkpoint) reaches the saved config;
+    without it the config keeps torchvision's 1e-5."""
+    from maskrcnn_jax.config import model_config
+    from maskrcnn_jax.testing.torch_models import torchvision_maskrcnn
+
+    small = dict(backbone="resnet18", num_classes=4, min_size=96, max_size=128,
+                 fpn_channels=32, box_representation_size=64, mask_head_layers=[32, 16],
+                 mask_dim_reduced=24)
+    torch.manual_seed(0)
+    path = tmp_path / "model.pth"
+    torch.save(torchvision_maskrcnn(model_config(**small)).state_dict(), path)
+    for flag, expected in ((["--frozen-bn-eps", "0.0"], 0.0), ([], 1e-5)):
+        out = tmp_path / f"converted{len(flag)}"
+        assert convert.main([str(path), "--out", str(out), *_cli_args(small), *flag]) == 0
+        config, _ = convert.load(out)
+        assert config.frozen_bn_eps == expected
+    capsys.readouterr()
+    try:
+        convert.main(["--help"])
+    except SystemExit:
+        pass
+    assert "overwrite_eps(model, 0.0)" in " ".join(capsys.readouterr().out.split())

@@ -119,6 +119,8 @@ def _report(theirs, ours, label, record_property):
     for i, (t, o) in enumerate(zip(theirs, ours)):
         diff = compare_detections(o, t)
         diff.pop("match")
+        # torchvision's detections without a same-label partner within 0.01 px.
+        diff["unmatched_at_0.01px"] = compare_detections(o, t, box_tol=0.01)["unmatched"]
         print(f"{label} image {i}: {diff}")
         record_property(f"{label}_image{i}", diff)
         rows.append(diff)
