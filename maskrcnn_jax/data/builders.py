@@ -7,8 +7,13 @@ PIL on read; only encoding a NumPy image would need TF). The category table
 `[{'id', 'name', 'label'}]` is stored in the builder's metadata (`metadata.json` next to the
 data) so evaluation can map contiguous labels back to category ids and names.
 
+`coco_instances` is tolerant by default: defective images / annotations (`coco.DEFECT_KINDS`)
+are skipped, and the build logs a summary per split (counts per kind, the first ids of each)
+that is also stored in the metadata: `info.metadata['defects'][split]`, see `defects(source)`.
+`strict=True` (`load`, `builder`) raises `coco.CocoFormatError` at the first defect instead.
+
 Records: see `coco.RECORD_FIELDS`. Entry points: `load(...)`, `categories(source)`,
-`coco_ground_truth(source)`.
+`defects(source)`, `coco_ground_truth(source)`.
 """
 
 import dataclasses
@@ -59,6 +64,13 @@ class CocoInstances(tfds.core.GeneratorBasedBuilder):
         "Pass manual_dir: a folder with annotations/instances_<split>.json and the images of "
         "each annotation file in <split>/ (e.g. annotations/instances_val2017.json, val2017/).")
 
+    def __init__(self, *, strict: bool = False, **kwargs):
+        """`strict`: building raises `coco.CocoFormatError` at the first defect instead of
+        skipping and counting it (it does not change a data set built already)."""
+        self.strict = bool(strict)
+        super().__init__(**kwargs)
+        self._original_state["strict"] = self.strict  # pickling re-runs __init__ with these
+
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(builder=self, description=_DESCRIPTION,
                                      features=record_features(),
@@ -70,11 +82,18 @@ class CocoInstances(tfds.core.GeneratorBasedBuilder):
             [coco.load_annotation_file(ann)["categories"] for ann, _ in splits.values()],
             os.fspath(dl_manager.manual_dir))
         self.info.metadata["categories"] = categories
-        return {name: self._generate_examples(ann, images, categories)
+        self.info.metadata["defects"] = {}
+        return {name: self._generate_examples(name, ann, images, categories)
                 for name, (ann, images) in splits.items()}
 
-    def _generate_examples(self, annotation_file, image_dir, categories):
-        yield from coco.coco_records(annotation_file, image_dir, categories)
+    def _generate_examples(self, split, annotation_file, image_dir, categories):
+        log = coco.DefectLog(strict=self.strict)
+        yield from coco.coco_records(annotation_file, image_dir, categories, log)
+        # Filled when the split's generator is exhausted, before TFDS writes metadata.json.
+        summary = log.summary()
+        self.info.metadata["defects"][split] = summary
+        text = coco.format_defect_summary(f"{self.name}/{split} ({annotation_file})", summary)
+        (logging.warning if summary["kinds"] else logging.info)("%s", text)
 
 
 @dataclasses.dataclass
@@ -130,16 +149,22 @@ BUILDERS = {"coco_instances": CocoInstances, "shapes": Shapes}
 
 
 def builder(name: str, data_dir: str,
-            config: Optional[Union[str, tfds.core.BuilderConfig]] = None):
-    """The builder `name` ('coco_instances' or 'shapes') over `data_dir` (not built yet)."""
+            config: Optional[Union[str, tfds.core.BuilderConfig]] = None, strict: bool = False):
+    """The builder `name` ('coco_instances' or 'shapes') over `data_dir` (not built yet).
+
+    `strict` (coco_instances; shapes has no defects to find): building raises
+    `coco.CocoFormatError` at the first defect instead of skipping it.
+    """
     if name not in BUILDERS:
         raise ValueError(f"unknown data set {name!r}; known: {sorted(BUILDERS)}")
     kwargs = {"config": config} if config is not None else {}
+    if name == "coco_instances":
+        kwargs["strict"] = strict
     return BUILDERS[name](data_dir=data_dir, file_format="array_record", **kwargs)
 
 
 def load(name: str, data_dir: str, split: str, manual_dir: Optional[str] = None,
-         config: Optional[Union[str, tfds.core.BuilderConfig]] = None):
+         config: Optional[Union[str, tfds.core.BuilderConfig]] = None, strict: bool = False):
     """Build `name` under `data_dir` if needed; the random-access data source of `split`.
 
     Args:
@@ -148,19 +173,36 @@ def load(name: str, data_dir: str, split: str, manual_dir: Optional[str] = None,
       split: e.g. 'train', 'validation' (TFDS slicing such as 'train[:10]' works).
       manual_dir: the COCO folder (coco_instances only).
       config: a builder config (e.g. `shapes_config(num_train=100)`) or its name.
+      strict: coco_instances: building raises `coco.CocoFormatError` at the first defect
+        (naming the file, the image / annotation id and the field) instead of skipping defective
+        images / annotations; a data set built earlier with defects raises too.
 
     Returns:
       A TFDS `ArrayRecordDataSource`: `len()`, `source[i]` -> record dict (image decoded to a
-      `(H, W, 3)` uint8 array), `source.dataset_info.metadata['categories']`.
+      `(H, W, 3)` uint8 array), `source.dataset_info.metadata['categories']` (and, for
+      coco_instances, `['defects']`: see `defects`).
     """
-    b = builder(name, data_dir, config)
+    b = builder(name, data_dir, config, strict=strict)
     if not b.is_prepared():
         if name == "coco_instances" and manual_dir is None:
             raise ValueError("coco_instances needs manual_dir (the COCO folder)")
         logging.info("building %s into %s", b.name, b.data_dir)
         b.download_and_prepare(download_config=tfds.download.DownloadConfig(
             manual_dir=manual_dir))
+    elif strict and name == "coco_instances":
+        found = {s: d for s, d in (b.info.metadata.get("defects") or {}).items() if d["kinds"]}
+        if found:
+            raise coco.CocoFormatError(
+                f"{b.data_dir}: built earlier (tolerant) with defects; delete it to rebuild "
+                "strictly:\n" + "\n".join(coco.format_defect_summary(s, d)
+                                           for s, d in found.items()))
     return b.as_data_source(split=split)
+
+
+def defects(source) -> dict:
+    """`{split: summary}` of a coco_instances data source (`coco.DefectLog.summary()`: kept /
+    total images and annotations, `kinds: {kind: {'count', 'ids'}}`); `{}` for shapes."""
+    return {s: dict(d) for s, d in (source.dataset_info.metadata.get("defects") or {}).items()}
 
 
 def categories(source) -> list[dict]:

@@ -165,14 +165,16 @@ def _rewrite(root, edit):
     return path
 
 
-def _records(root):
+def _records(root, strict=False):
     (ann, images), = [v for k, v in coco.find_annotation_files(root).items() if k == "train"]
     cats = coco.merge_categories([CATEGORIES])
-    return list(coco.coco_records(ann, images, cats))
+    return list(coco.coco_records(ann, images, cats, coco.DefectLog(strict=strict)))
 
 
 @pytest.mark.parametrize("case", ["missing", "corrupt", "truncated"])
 def test_bad_image_files_are_named(tmp_path, case):
+    """Strict: raised, naming the file; tolerant (the default): the image is skipped.
+    (More defect kinds: test_coco_defects.py.)"""
     root = str(tmp_path)
     write_coco_folder(root)
     path = os.path.join(root, "train", "gray.png")
@@ -183,35 +185,45 @@ def test_bad_image_files_are_named(tmp_path, case):
             data = f.read()
         with open(path, "wb") as f:
             f.write(b"not an image at all" if case == "corrupt" else data[: len(data) // 2])
-    with pytest.raises(coco.CocoFormatError, match=r"image id 5: .*gray\.png"):
-        _records(root)
+    with pytest.raises(coco.CocoFormatError, match=r"image id 5 .*gray\.png"):
+        _records(root, strict=True)
+    assert [int(key) for key, _ in _records(root)] == [11, 42]
 
 
-@pytest.mark.parametrize("edit,message", [
-    (lambda d: d["annotations"][1].update(image_id=999), r"annotation id 102: unknown image id 999"),
-    (lambda d: d["annotations"][0].update(bbox=[1, 2, 3]), r"annotation id 101 .*malformed bbox"),
-    (lambda d: d["annotations"][0].update(bbox=[1, 2, -3, 4]), r"annotation id 101 .*negative"),
+@pytest.mark.parametrize("edit,message,skipped", [
+    (lambda d: d["annotations"][1].update(image_id=999),
+     r"annotation id 102: field 'image_id': annotation_unknown_image: unknown image id 999", 102),
+    (lambda d: d["annotations"][0].update(bbox=[1, 2, 3]),
+     r"annotation id 101 .*'bbox': bbox_malformed: malformed bbox", 101),
+    (lambda d: d["annotations"][0].update(bbox=[1, 2, -3, 4]),
+     r"annotation id 101 .*negative", 101),
     (lambda d: d["annotations"][3].update(segmentation=[[1, 2, 3, 4, 5]]),
-     r"annotation id 104 .*malformed segmentation"),
+     r"annotation id 104 .*'segmentation': polygon_unusable", 104),
     (lambda d: d["annotations"][2]["segmentation"].update(size=[41, 50]),
-     r"annotation id 103 .*malformed segmentation"),
-    (lambda d: d["annotations"][4].update(category_id=1234), r"annotation id 105: unknown category"),
+     r"annotation id 103 .*'segmentation': rle_malformed: RLE size", 103),
+    (lambda d: d["annotations"][4].update(category_id=1234),
+     r"annotation id 105: field 'category_id': annotation_unknown_category", 105),
 ])
-def test_bad_annotations_are_named(tmp_path, edit, message):
+def test_bad_annotations_are_named(tmp_path, edit, message, skipped):
+    """Strict: raised, naming the json, the id and the field; tolerant: that annotation alone is
+    skipped."""
     root = str(tmp_path)
     write_coco_folder(root)
     path = _rewrite(root, edit)
     with pytest.raises(coco.CocoFormatError, match=message) as info:
-        _records(root)
+        _records(root, strict=True)
     assert path in str(info.value)
+    kept = sorted(int(i) for _, r in _records(root) for i in r["annotation_ids"])
+    assert kept == sorted({101, 102, 103, 104, 105} - {skipped})
 
 
 def test_builder_surfaces_the_error(tmp_path):
     root = str(tmp_path / "coco")
     write_coco_folder(root)
     _rewrite(root, lambda d: d["annotations"][1].update(image_id=999))
-    with pytest.raises(Exception, match="annotation id 102: unknown image id 999"):
-        builders.load("coco_instances", str(tmp_path / "tfds"), "train", manual_dir=root)
+    with pytest.raises(coco.CocoFormatError, match="annotation id 102: .*unknown image id 999"):
+        builders.load("coco_instances", str(tmp_path / "tfds"), "train", manual_dir=root,
+                      strict=True)
 
 
 # ----------------------------------------------------------------------------- shapes
