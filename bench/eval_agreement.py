@@ -1,6 +1,6 @@
 """Does eval.py's AP equal what torchvision's own outputs give? A trained checkpoint on real GT.
 
-    python bench/eval_agreement.py --checkpoint WORKDIR [--max_images N] [--batch_size 8]
+    python bench/eval_agreement.py --checkpoint WORKDIR [--max_images N] [--batch_size 8] [--threads N]
 
 WORKDIR is a maskrcnn_jax checkpoint (a train.py workdir, e.g. of `configs/shapes.py`, or a
 converted checkpoint) with a torchvision architecture (ResNet-18..101, FrozenBatchNorm). Its
@@ -9,20 +9,25 @@ torchvision `MaskRCNN` (`testing.torch_models.torchvision_maskrcnn`: same widths
 min/max size, thresholds). torchvision runs on each image of the evaluation split (the training
 config's, default shapes validation), one at a time, and its outputs are scored with pycocotools
 against the split's real ground truth; `maskrcnn_jax.evaluation.evaluate` (what eval.py runs)
-scores the same images. Where torchvision's compiled ops are missing (a CPU torch build) its
-RoIAlign runs as `testing.torch_models.separable_roi_align` (the C++ kernel's semantics, checked
-against a NumPy loop of it in tests/eval) rather than its ~10x slower Python fallback. Prints
-both sets of bbox/segm AP figures, their differences, and the wall time of each side. A trained
+scores the same images. torchvision runs with its compiled C++ kernels (nms, roi_align), on the
+CPU, as JAX here (JAX_PLATFORMS defaults to cpu), both with the same CPU threads (--threads,
+default every core this process may use; see bench/timing.py). Prints the versions and thread
+counts, both sets of bbox/segm AP figures, their differences, and the wall time of each side
+(torchvision one image at a time, maskrcnn_jax in batches with compilation: not a speed
+benchmark, see bench/inference.py for that). A trained
 model (AP ~0.5) makes this the meaningful comparison: AP there depends on every score, box and
 mask, not on a few confident detections.
 """
 
 import argparse
-import contextlib
 import importlib.util
 import os
 import sys
 import time
+
+from timing import THREADS_HELP, header, pin_threads  # noqa: E402  (bench/timing.py; before jax/torch)
+
+THREADS = pin_threads()
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, REPO)
@@ -51,38 +56,33 @@ def main(argv=None):
     parser.add_argument("--data_config", default=None)
     parser.add_argument("--max_images", type=int, default=None)
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--torch_threads", type=int, default=1,
-                        help="torch intra-op threads (1: on a busy 2-core CPU, 2 threads ran "
-                             "this model ~9x slower, spinning on small ops)")
-    parser.add_argument("--python_roi_align", action="store_true",
-                        help="keep torchvision's pure-PyTorch RoIAlign fallback (~1 s an image) "
-                             "instead of `separable_roi_align` (C++ kernel semantics)")
+    parser.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     args = parser.parse_args(argv)
 
+    import jax
     import torch
 
     from maskrcnn_jax.checkpoints import load_checkpoint
     from maskrcnn_jax.convert import to_torchvision
     from maskrcnn_jax.data import builders
     from maskrcnn_jax.evaluation import evaluate
-    from maskrcnn_jax.testing.torch_models import (fast_roi_align, torchvision_coco_metrics,
-                                                   torchvision_maskrcnn)
+    from maskrcnn_jax.testing import import_torchvision
+    from maskrcnn_jax.testing.torch_models import torchvision_coco_metrics, torchvision_maskrcnn
 
-    torch.set_num_threads(args.torch_threads)
+    header(THREADS, torch, import_torchvision(), jax, "cpu")
 
     config, variables, train_config = load_checkpoint(os.path.expanduser(args.checkpoint))
     source = _eval_cli().load_source(args, train_config)
     n = len(source) if args.max_images is None else min(args.max_images, len(source))
     print(f"{config.backbone}, min_size {config.min_size}, max_size {config.max_size}, "
-          f"{n} images; torch {torch.get_num_threads()} threads")
+          f"{n} images")
 
     model = torchvision_maskrcnn(config)
     model.load_state_dict(to_torchvision(config, variables), strict=True)
     ground_truth = builders.coco_ground_truth(source)
     start = time.perf_counter()
-    with contextlib.nullcontext() if args.python_roi_align else fast_roi_align():
-        theirs, results = torchvision_coco_metrics(model, source, max_images=n,
-                                                   ground_truth=ground_truth)
+    theirs, results = torchvision_coco_metrics(model, source, max_images=n,
+                                               ground_truth=ground_truth)
     torch_s = time.perf_counter() - start
     start = time.perf_counter()
     ours = evaluate(config, variables, source, batch_size=args.batch_size, max_images=n,

@@ -1,19 +1,29 @@
-"""Ops benchmark: maskrcnn_jax (jitted, after compilation) vs torchvision, measured in one run.
+"""Ops benchmark: maskrcnn_jax (jitted, after compilation) vs torchvision's compiled kernels.
 
-Run:  python bench/ops.py            (add --repeats N for more timing repetitions)
+Run:  python bench/ops.py [--repeats 5] [--nms-boxes 1000 5000] [--rois 1000] [--no-backward]
+                          [--threads N]
 
-Prints, for NMS on 1,000 and 5,000 boxes and for multilevel RoIAlign of 1,000 RoIs over 4 FPN
-levels (256 channels; 7x7 and 14x14 outputs; an 800x1344 canvas), the JAX time, the torchvision
-time and their ratio (torchvision / JAX: > 1 means maskrcnn_jax is faster). On a machine without
-torchvision's compiled ops (this project's CPU CI), torchvision runs the pure-torch NMS kernel and
-pure-PyTorch RoIAlign provided by tests/torchvision_cpu.py; the header says which.
+torchvision runs its own compiled C++/CUDA ops (`torch.ops.torchvision.nms`, `roi_align` via
+`MultiScaleRoIAlign`), on the same kind of device as JAX (CUDA when JAX runs on a GPU and torch
+has CUDA, else the CPU). Prints,
+for NMS on 1,000 and 5,000 clustered boxes (IoU 0.7; maskrcnn_jax keeps at most 1,000, as the
+RPN's post-NMS top-n, and may stop there; torchvision's nms has no such limit) and for multilevel RoIAlign of 1,000 RoIs over 4 FPN levels (256 channels; 7x7 and
+14x14 outputs; an 800x1344 canvas), forward and (RoIAlign) backward w.r.t. the feature maps:
+the maskrcnn_jax time, torchvision's time, JAX's compile time and the speed ratio
+`maskrcnn_jax / torchvision` (torchvision time / JAX time = our speed / theirs; > 1: maskrcnn_jax
+is faster). Both frameworks get the same CPU threads (--threads, default every core this
+process may use; see bench/timing.py).
 """
 
 import argparse
 import os
 import sys
 
-import numpy as np
+from timing import THREADS_HELP, pin_threads  # noqa: E402  (bench/timing.py; before jax/torch)
+
+THREADS = pin_threads()
+
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -24,13 +34,22 @@ import torch  # noqa: E402
 from maskrcnn_jax.testing import import_torchvision  # noqa: E402
 
 torchvision = import_torchvision()
-TORCHVISION_KIND = ("pure-torch fallback (maskrcnn_jax/testing/torchvision_cpu.py)"
-                    if "maskrcnn_jax.testing.torchvision_cpu" in sys.modules else "compiled ops")
 from torchvision.ops import MultiScaleRoIAlign  # noqa: E402
 
 from maskrcnn_jax.ops.nms import nms_padded  # noqa: E402
 from maskrcnn_jax.ops.roi_align import multilevel_roi_align  # noqa: E402
-from timing import median_seconds, seconds  # noqa: E402  (bench/timing.py)
+from timing import header, median_seconds, seconds, torch_device, torch_sync  # noqa: E402
+
+DEVICE = torch_device(jax, torch)
+
+
+def _torch_timed(fn):
+    """`fn` followed by a CUDA sync where torch runs on the GPU, so the wall time covers it."""
+    def run():
+        out = fn()
+        torch_sync(torch, DEVICE)
+        return out
+    return run
 
 
 def _random_boxes(rng, n, size=800.0):
@@ -49,12 +68,12 @@ def bench_nms(n, repeats, rng):
     jb, js, jv = jnp.asarray(boxes), jnp.asarray(scores), jnp.asarray(valid)
     compile_s = seconds(lambda: jax.block_until_ready(fn(jb, js, jv)))
     t_jax = median_seconds(lambda: jax.block_until_ready(fn(jb, js, jv)), repeats)
-    tb, ts = torch.from_numpy(boxes), torch.from_numpy(scores)
-    t_tv = median_seconds(lambda: torchvision.ops.nms(tb, ts, 0.7), repeats)
-    return f"NMS {n} boxes (iou 0.7)", t_jax, t_tv, compile_s
+    tb, ts = torch.from_numpy(boxes).to(DEVICE), torch.from_numpy(scores).to(DEVICE)
+    t_tv = median_seconds(_torch_timed(lambda: torchvision.ops.nms(tb, ts, 0.7)), repeats)
+    return [(f"NMS {n:,} boxes, IoU 0.7", t_jax, t_tv, compile_s)]
 
 
-def bench_roi_align(num_rois, output_size, repeats, rng):
+def bench_roi_align(num_rois, output_size, repeats, rng, backward):
     canvas = (800, 1344)
     channels = 256
     scales = (1 / 4, 1 / 8, 1 / 16, 1 / 32)
@@ -63,37 +82,65 @@ def bench_roi_align(num_rois, output_size, repeats, rng):
     xy = rng.uniform(0, [canvas[1] - 20, canvas[0] - 20], (num_rois, 2))
     wh = np.exp(rng.uniform(np.log(8), np.log(600), (num_rois, 2)))
     boxes = np.concatenate([xy, np.minimum(xy + wh, [canvas[1], canvas[0]])], 1).astype(np.float32)
+    cotangent = rng.standard_normal((num_rois, *output_size, channels)).astype(np.float32)
+    label = f"RoIAlign {num_rois:,} RoIs, 4 levels, {channels} ch, {output_size[0]}x{output_size[1]}"
 
-    fn = jax.jit(lambda f, b: multilevel_roi_align(f, b, output_size, scales, sampling_ratio=2))
-    jf, jb = [jnp.asarray(f) for f in feats], jnp.asarray(boxes)
+    def forward(f, b):
+        return multilevel_roi_align(f, b, output_size, scales, sampling_ratio=2)
+
+    fn = jax.jit(forward)
+    jf, jb, jg = [jnp.asarray(f) for f in feats], jnp.asarray(boxes), jnp.asarray(cotangent)
     compile_s = seconds(lambda: jax.block_until_ready(fn(jf, jb)))
     t_jax = median_seconds(lambda: jax.block_until_ready(fn(jf, jb)), repeats)
 
     pooler = MultiScaleRoIAlign(["0", "1", "2", "3"], output_size, sampling_ratio=2)
-    tfeats = {str(i): torch.from_numpy(f.transpose(2, 0, 1)[None].copy()) for i, f in enumerate(feats)}
-    tboxes = [torch.from_numpy(boxes)]
+    tfeats = {str(i): torch.from_numpy(f.transpose(2, 0, 1)[None].copy()).to(DEVICE)
+              for i, f in enumerate(feats)}
+    tboxes = [torch.from_numpy(boxes).to(DEVICE)]
     with torch.no_grad():
-        t_tv = median_seconds(lambda: pooler(tfeats, tboxes, [canvas]), repeats)
-    label = f"RoIAlign {num_rois} RoIs, 4 levels, {channels} ch, {output_size[0]}x{output_size[1]}"
-    return label, t_jax, t_tv, compile_s
+        t_tv = median_seconds(_torch_timed(lambda: pooler(tfeats, tboxes, [canvas])), repeats)
+    rows = [(label + " forward", t_jax, t_tv, compile_s)]
+    if not backward:
+        return rows
+
+    # Forward + backward w.r.t. the feature maps (as in training), with a fixed cotangent.
+    grad_fn = jax.jit(jax.grad(lambda f, b, g: jnp.vdot(forward(f, b), g)))
+    compile_s = seconds(lambda: jax.block_until_ready(grad_fn(jf, jb, jg)))
+    t_jax = median_seconds(lambda: jax.block_until_ready(grad_fn(jf, jb, jg)), repeats)
+    tgrad = torch.from_numpy(cotangent.transpose(0, 3, 1, 2).copy()).to(DEVICE)
+    leaves = {k: v.clone().requires_grad_(True) for k, v in tfeats.items()}
+
+    def torch_fwd_bwd():
+        for v in leaves.values():
+            v.grad = None
+        pooler(leaves, tboxes, [canvas]).backward(tgrad)
+
+    t_tv = median_seconds(_torch_timed(torch_fwd_bwd), repeats)
+    rows.append((label + " forward+backward", t_jax, t_tv, compile_s))
+    return rows
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--nms-boxes", nargs="+", type=int, default=[1000, 5000])
+    parser.add_argument("--rois", type=int, default=1000, help="RoIs per RoIAlign call")
+    parser.add_argument("--no-backward", action="store_true", help="skip RoIAlign's backward")
+    parser.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     args = parser.parse_args()
+    print("Ops benchmark")
+    header(THREADS, torch, torchvision, jax, DEVICE)
     rng = np.random.default_rng(0)
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform}; torch {torch.__version__}, "
-          f"torchvision {torchvision.__version__} ({TORCHVISION_KIND}); {os.cpu_count()} CPU cores")
-    rows = [
-        bench_nms(1000, args.repeats, rng),
-        bench_nms(5000, args.repeats, rng),
-        bench_roi_align(1000, (7, 7), args.repeats, rng),
-        bench_roi_align(1000, (14, 14), args.repeats, rng),
-    ]
-    print(f"{'op':<48} {'jax ms':>9} {'torchvision ms':>15} {'tv/jax':>7} {'jax compile s':>14}")
+    rows = []
+    for n in args.nms_boxes:
+        rows += bench_nms(n, args.repeats, rng)
+    for size in ((7, 7), (14, 14)):
+        rows += bench_roi_align(args.rois, size, args.repeats, rng, not args.no_backward)
+    print(f"\nmedian of {args.repeats} calls (after one warm-up)\n")
+    print("| op | maskrcnn_jax ms | torchvision ms | maskrcnn_jax / torchvision speed | jax compile s |")
+    print("|---|---:|---:|---:|---:|")
     for label, t_jax, t_tv, compile_s in rows:
-        print(f"{label:<48} {t_jax * 1e3:9.2f} {t_tv * 1e3:15.2f} {t_tv / t_jax:7.2f} {compile_s:14.2f}")
+        print(f"| {label} | {t_jax * 1e3:,.2f} | {t_tv * 1e3:,.2f} | {t_tv / t_jax:.2f} | {compile_s:.1f} |")
 
 
 if __name__ == "__main__":
