@@ -2,15 +2,17 @@
 identical weights and images.
 
 Run:  python bench/inference.py [--sizes 800x1333 512x512] [--batches 1 8] [--dtypes float32 bfloat16]
-                                [--repeats 3] [--canvas tight|square] [--threads N] [--no-torchvision]
+                                [--repeats 3] [--canvas square|fit] [--threads N] [--no-torchvision]
 
 Each size HxW is both the images' size and the models' input size (resize limits min_size =
 min(H, W), max_size = max(H, W) on both sides, so neither model rescales the images).
-maskrcnn_jax's `Predictor` runs every image in its config's fixed `canvas_size`; `--canvas tight`
-(the default here) sets it to HxW rounded up to 32, torchvision's own padded size for a batch of
-such images, so both models convolve the same pixels; `--canvas square` keeps the config's
-default canvas (max_size rounded up to 32, squared: what a user of `from_torchvision` without
-`canvas_size` gets, e.g. 1344x1344 for 800x1333). Each row prints the canvas used.
+maskrcnn_jax's `Predictor` runs every image in its config's fixed `canvas_size`. `--canvas
+square` (the default: the product's default canvas, what a user of `from_torchvision` /
+`model_config` without `canvas_size` gets) is max(min_size, max_size) rounded up to 32, squared,
+so that either orientation fits one compiled function: 1344x1344 for 800x1333 images, which
+torchvision pads to 800x1344 only, so there maskrcnn_jax convolves ~1.7x the pixels (512x512 is
+the same either way). `--canvas fit` sets it to HxW rounded up to 32, torchvision's own padded
+size for a batch of such images (equal work). Each row prints the canvas used.
 
 One markdown row per image size x batch x compute dtype: maskrcnn_jax's first call (compilation
 + run), its latency per batch (median of --repeats, after compilation) and images/s,
@@ -20,8 +22,9 @@ path differs; torch.no_grad, the same images as one list), the speed ratio
 (device memory stats where the backend has them, else the process's peak RSS, both frameworks
 together, so it only grows down the table). torch runs on the same kind of device as JAX (CUDA
 when JAX runs on a GPU and torch has CUDA, else the CPU); both get the same CPU threads
-(--threads, default every core this process may use; see bench/timing.py). The models have random weights (seed 0) made to detect (scaled logits), so that
-the post-processing does real work.
+(--threads, default every core this process may use; see bench/timing.py). The models have
+random weights (seed 0) made to detect (scaled logits), so that the post-processing does real
+work.
 """
 
 import argparse
@@ -64,9 +67,10 @@ def main():
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--canvas", choices=("tight", "square"), default="tight",
-                        help="maskrcnn_jax's canvas_size: HxW rounded up to 32 (tight) or the "
-                             "config's default square canvas")
+    parser.add_argument("--canvas", choices=("square", "fit"), default="square",
+                        help="maskrcnn_jax's canvas_size: the config's default square canvas "
+                             "(default) or HxW rounded up to 32, torchvision's padded size "
+                             "(fit: equal work)")
     parser.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     parser.add_argument("--no-torchvision", action="store_true")
     args = parser.parse_args()
@@ -82,6 +86,10 @@ def main():
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.to(device)
     rng = np.random.default_rng(0)
+    print(f"maskrcnn_jax canvas: --canvas {args.canvas} "
+          + ("(the product's default canvas_size: max(min_size, max_size) rounded up to 32, "
+             "square)" if args.canvas == "square"
+             else "(HxW rounded up to 32: torchvision's padded size, equal work)"))
     print(f"\nmedian of {args.repeats} calls; speed ratio = maskrcnn_jax images/s / torchvision "
           "images/s\n")
     print("| image | batch | dtype | jax canvas | first call s (compile + run) | jax ms/batch | "
@@ -90,7 +98,7 @@ def main():
     print("|---|---:|---|---|---:|---:|---:|---:|---:|---:|---|", flush=True)
     for size_text in args.sizes:
         size = tuple(int(v) for v in size_text.split("x"))
-        canvas = (tuple(int(np.ceil(s / 32) * 32) for s in size) if args.canvas == "tight"
+        canvas = (tuple(int(np.ceil(s / 32) * 32) for s in size) if args.canvas == "fit"
                   else None)
         # Both models run at this size: resize limits set to it (torchvision's defaults, 800 /
         # 1333, would upscale a 512x512 image to 800x800).

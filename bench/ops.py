@@ -5,14 +5,15 @@ Run:  python bench/ops.py [--repeats 5] [--nms-boxes 1000 5000] [--rois 1000] [-
 
 torchvision runs its own compiled C++/CUDA ops (`torch.ops.torchvision.nms`, `roi_align` via
 `MultiScaleRoIAlign`), on the same kind of device as JAX (CUDA when JAX runs on a GPU and torch
-has CUDA, else the CPU). Prints,
-for NMS on 1,000 and 5,000 clustered boxes (IoU 0.7; maskrcnn_jax keeps at most 1,000, as the
-RPN's post-NMS top-n, and may stop there; torchvision's nms has no such limit) and for multilevel RoIAlign of 1,000 RoIs over 4 FPN levels (256 channels; 7x7 and
-14x14 outputs; an 800x1344 canvas), forward and (RoIAlign) backward w.r.t. the feature maps:
-the maskrcnn_jax time, torchvision's time, JAX's compile time and the speed ratio
-`maskrcnn_jax / torchvision` (torchvision time / JAX time = our speed / theirs; > 1: maskrcnn_jax
-is faster). Both frameworks get the same CPU threads (--threads, default every core this
-process may use; see bench/timing.py).
+has CUDA, else the CPU). Prints, for NMS on 1,000 and 5,000 clustered boxes (IoU 0.7;
+maskrcnn_jax with max_output = all boxes, returning every kept box as torchvision does: equal
+work; and with max_output = 1,000, the RPN's post-NMS top-n, where it may stop early:
+torchvision's nms has no such limit) and for multilevel RoIAlign of 1,000 RoIs over 4 FPN levels
+(256 channels; 7x7 and 14x14 outputs; an 800x1344 canvas), forward and (RoIAlign) forward +
+backward w.r.t. the feature maps: the maskrcnn_jax time, torchvision's time, JAX's compile time
+and the speed ratio `maskrcnn_jax / torchvision` (torchvision time / JAX time = our speed /
+theirs; > 1: maskrcnn_jax is faster). Both frameworks get the same CPU threads (--threads,
+default every core this process may use; see bench/timing.py).
 """
 
 import argparse
@@ -64,13 +65,24 @@ def bench_nms(n, repeats, rng):
     boxes = _random_boxes(rng, n)
     scores = rng.random(n).astype(np.float32)
     valid = np.ones(n, bool)
-    fn = jax.jit(lambda b, s, v: nms_padded(b, s, v, 0.7, max_output=1000))
-    jb, js, jv = jnp.asarray(boxes), jnp.asarray(scores), jnp.asarray(valid)
-    compile_s = seconds(lambda: jax.block_until_ready(fn(jb, js, jv)))
-    t_jax = median_seconds(lambda: jax.block_until_ready(fn(jb, js, jv)), repeats)
     tb, ts = torch.from_numpy(boxes).to(DEVICE), torch.from_numpy(scores).to(DEVICE)
     t_tv = median_seconds(_torch_timed(lambda: torchvision.ops.nms(tb, ts, 0.7)), repeats)
-    return [(f"NMS {n:,} boxes, IoU 0.7", t_jax, t_tv, compile_s)]
+    kept = len(torchvision.ops.nms(tb, ts, 0.7))
+    jb, js, jv = jnp.asarray(boxes), jnp.asarray(scores), jnp.asarray(valid)
+    rows = []
+    # max_output=n returns every kept box, as torchvision (equal work); 1000 is the RPN's
+    # post-NMS top-n, where maskrcnn_jax may stop early (torchvision's nms has no such limit).
+    for max_output in sorted({n, min(n, 1000)}, reverse=True):
+        fn = jax.jit(lambda b, s, v, m=max_output: nms_padded(b, s, v, 0.7, max_output=m))
+        compile_s = seconds(lambda: jax.block_until_ready(fn(jb, js, jv)))
+        count = int(fn(jb, js, jv)[1])
+        if count != min(kept, max_output):
+            raise AssertionError(f"nms_padded kept {count} boxes, torchvision {kept}")
+        t_jax = median_seconds(lambda: jax.block_until_ready(fn(jb, js, jv)), repeats)
+        what = "all kept, equal work" if max_output == n else "RPN cap"
+        rows.append((f"NMS {n:,} boxes, IoU 0.7, torchvision keeps {kept:,}; jax max_output "
+                     f"{max_output:,} ({what})", t_jax, t_tv, compile_s))
+    return rows
 
 
 def bench_roi_align(num_rois, output_size, repeats, rng, backward):

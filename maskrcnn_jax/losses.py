@@ -1,9 +1,11 @@
 """Mask R-CNN training losses with torchvision's assignment and normalisation, in static shapes.
 
-`compute_losses(model, variables, batch, key)` is torchvision's `MaskRCNN.forward` in training
-mode (models/detection/rpn.py `compute_loss`, roi_heads.py `fastrcnn_loss`, `maskrcnn_loss`),
-for a batch already in the model's canvas. Targets come from `maskrcnn_jax.targets` per image
-(vmap); the losses normalise over the whole batch as torchvision does:
+The losses are pure functions of the training outputs of `MaskRCNN.__call__(..., train=True)`
+(head outputs with their targets from `maskrcnn_jax.targets`): `maskrcnn_losses(outputs)`.
+`compute_losses(model, variables, batch, key)` applies the model in training mode and returns
+them: torchvision's `MaskRCNN.forward` in training mode (models/detection/rpn.py `compute_loss`,
+roi_heads.py `fastrcnn_loss`, `maskrcnn_loss`), for a batch already in the model's canvas. The
+losses normalise over the whole batch as torchvision does:
   * `loss_objectness`: BCE-with-logits, mean over all sampled anchors of the batch;
   * `loss_rpn_box_reg`: smooth-L1 (beta 1/9) summed over sampled positive anchors / number of
     sampled anchors of the batch;
@@ -15,14 +17,12 @@ for a batch already in the model's canvas. Targets come from `maskrcnn_jax.targe
 Padded / invalid entries enter every sum with weight 0 (never as NaN: see `_masked_sum`).
 """
 
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 
-from maskrcnn_jax import targets as tg
-from maskrcnn_jax.model import FPN_LEVELS, level_anchors_for_image
-from maskrcnn_jax.ops.anchors import DEFAULT_ASPECT_RATIOS, DEFAULT_SIZES, base_anchors
+from maskrcnn_jax.model import MaskRCNN, frozen
 
 # Config values `compute_losses` lets a caller override (they only shape targets and sampling).
 SAMPLING_KEYS = (
@@ -120,22 +120,30 @@ def mask_loss(mask_logits, labels, valid, mask_targets) -> jnp.ndarray:
     return _mean_over(_masked_sum(bce, pixels), jnp.sum(pixels))
 
 
-def _all_anchors(fpn_features, padded_size):
-    """`(N, 4)` anchors and `(N,)` validity of one image over P2..P6 (torchvision's order)."""
-    base = [base_anchors(s, r) for s, r in zip(DEFAULT_SIZES, DEFAULT_ASPECT_RATIOS)]
-    anchors, valid = zip(*[
-        level_anchors_for_image(f.shape[1:3], level, padded_size, b)
-        for f, level, b in zip(fpn_features, FPN_LEVELS, base)
-    ])
-    return jnp.concatenate(anchors), jnp.concatenate(valid)
+def maskrcnn_losses(outputs: Dict[str, Any]) -> Tuple[jnp.ndarray, Dict[str, jnp.ndarray]]:
+    """The five torchvision losses of `MaskRCNN.__call__(..., train=True)`'s outputs.
 
+    Args:
+      outputs: the training-outputs dict (`objectness`, `rpn_deltas`, `rpn_targets`,
+        `class_logits`, `box_regression`, `roi_targets`, `mask_logits`, `mask_rois`,
+        `mask_targets`; see `MaskRCNN.__call__`).
 
-def _is_cropped(masks, images, mask_format):
-    if mask_format is None:
-        return tuple(masks.shape[2:]) != tuple(images.shape[1:3])
-    if mask_format not in ("crops", "full"):
-        raise ValueError(f"mask_format must be 'crops', 'full' or None, got {mask_format!r}")
-    return mask_format == "crops"
+    Returns:
+      (total_loss, {name: loss}) with the names of `LOSS_NAMES`, float32 scalars; total_loss is
+      their sum.
+    """
+    loss_objectness, loss_rpn_box_reg = rpn_losses(
+        outputs["objectness"], outputs["rpn_deltas"], outputs["rpn_targets"])
+    loss_classifier, loss_box_reg = fastrcnn_losses(
+        outputs["class_logits"], outputs["box_regression"], outputs["roi_targets"])
+    rois = outputs["mask_rois"]
+    loss_mask = mask_loss(outputs["mask_logits"], rois["labels"], rois["valid"],
+                          outputs["mask_targets"])
+    losses = {"loss_objectness": loss_objectness, "loss_rpn_box_reg": loss_rpn_box_reg,
+              "loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg,
+              "loss_mask": loss_mask}
+    total = sum(losses[name] for name in LOSS_NAMES)
+    return total, losses
 
 
 def compute_losses(
@@ -177,66 +185,14 @@ def compute_losses(
       (total_loss, {name: loss}) with the five torchvision loss names, float32 scalars;
       total_loss is their sum.
     """
-    cfg = dict(model.config)
     unknown = set(overrides) - set(SAMPLING_KEYS)
     if unknown:
         raise TypeError(f"compute_losses() can override only {SAMPLING_KEYS}, got {sorted(unknown)}")
-    cfg.update(overrides)
-    num_mask_rois = mask_rois_per_image
-    if num_mask_rois is None:
-        num_mask_rois = int(cfg["box_batch_size_per_image"] * cfg["box_positive_fraction"])
-    images = batch["images"]
-    cropped = _is_cropped(batch["masks"], images, mask_format)
-    num_images = images.shape[0]
-    rpn_keys = jax.random.split(jax.random.fold_in(key, 0), num_images)
-    roi_keys = jax.random.split(jax.random.fold_in(key, 1), num_images)
-    gt_boxes = batch["boxes"].astype(jnp.float32)
-    gt_labels = batch["labels"].astype(jnp.int32)
-    gt_valid = batch["valid"].astype(bool)
-    image_sizes, padded_sizes = batch["image_sizes"], batch["padded_sizes"]
-
-    def forward(m):
-        fpn = m.features(images, padded_sizes)
-        rpn = m.proposals(fpn, image_sizes, padded_sizes, train=True)
-
-        def one_image_rpn_targets(padded_size, boxes, valid, k):
-            anchors, anchor_valid = _all_anchors(fpn, padded_size)
-            return tg.rpn_targets(
-                anchors, anchor_valid, boxes, valid, k,
-                batch_size_per_image=cfg["rpn_batch_size_per_image"],
-                positive_fraction=cfg["rpn_positive_fraction"],
-                fg_iou_thresh=cfg["rpn_fg_iou_thresh"], bg_iou_thresh=cfg["rpn_bg_iou_thresh"])
-
-        rpn_tg = jax.vmap(one_image_rpn_targets)(padded_sizes, gt_boxes, gt_valid, rpn_keys)
-        objectness = jnp.concatenate(rpn["objectness"], axis=1)
-        rpn_deltas = jnp.concatenate(rpn["rpn_deltas"], axis=1)
-        loss_objectness, loss_rpn_box_reg = rpn_losses(objectness, rpn_deltas, rpn_tg)
-
-        # torchvision detaches the proposals: no gradient through the RoI coordinates.
-        proposals = jax.lax.stop_gradient(rpn["proposals"])
-        roi_tg = jax.vmap(lambda p, pv, b, lb, v, k: tg.roi_targets(
-            p, pv, b, lb, v, k,
-            batch_size_per_image=cfg["box_batch_size_per_image"],
-            positive_fraction=cfg["box_positive_fraction"],
-            fg_iou_thresh=cfg["box_fg_iou_thresh"], bg_iou_thresh=cfg["box_bg_iou_thresh"],
-            bbox_reg_weights=tuple(cfg["bbox_reg_weights"]),
-        ))(proposals, rpn["proposal_valid"], gt_boxes, gt_labels, gt_valid, roi_keys)
-        box_features = m.pool(fpn, roi_tg["boxes"], padded_sizes, (7, 7))
-        class_logits, box_regression = m.box_outputs(box_features)
-        loss_classifier, loss_box_reg = fastrcnn_losses(class_logits, box_regression, roi_tg)
-
-        rois = jax.vmap(lambda t: tg.positive_rois(t, num_mask_rois))(roi_tg)
-        mask_size = int(cfg["mask_size"])
-        mask_features = m.pool(fpn, rois["boxes"], padded_sizes, (mask_size // 2, mask_size // 2))
-        logits = m.mask_logits(mask_features)
-        targets = jax.vmap(lambda mk, b, r, s: tg.mask_targets(
-            mk, b, r, s, logits.shape[2], cropped, max_mask_sampling_grid
-        ))(batch["masks"], gt_boxes, rois, image_sizes)
-        loss_mask = mask_loss(logits, rois["labels"], rois["valid"], targets)
-        return {"loss_objectness": loss_objectness, "loss_rpn_box_reg": loss_rpn_box_reg,
-                "loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg,
-                "loss_mask": loss_mask}
-
-    losses = model.apply(variables, method=forward)
-    total = sum(losses[name] for name in LOSS_NAMES)
-    return total, losses
+    if overrides:  # the same module with the merged config (the same parameters)
+        model = MaskRCNN(frozen({**dict(model.config), **overrides}))
+    targets = {name: batch[name] for name in ("boxes", "labels", "valid", "masks")}
+    outputs = model.apply(
+        variables, batch["images"], batch["image_sizes"], batch["padded_sizes"], targets, key,
+        train=True, mask_rois_per_image=mask_rois_per_image, mask_format=mask_format,
+        max_mask_sampling_grid=max_mask_sampling_grid)
+    return maskrcnn_losses(outputs)

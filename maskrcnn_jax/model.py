@@ -1,14 +1,17 @@
-"""The Mask R-CNN network and its jit-compiled inference, wired as torchvision's GeneralizedRCNN:
+"""The Mask R-CNN network, wired once as torchvision's GeneralizedRCNN:
 backbone -> FPN -> RPN -> box head -> detections -> mask head.
 
 `MaskRCNN(config)` holds the weighted modules (names match `convert_weights`); `__call__` runs
-inference on a batch already resized and padded into the config's canvas (`transform.preprocess`)
-and returns fixed-size, padded detections in resized-image pixels. Batch elements never interact:
-each image behaves as torchvision run on that image alone.
+on a batch already resized and padded into the config's canvas (`transform.preprocess`). In
+inference (default) it returns fixed-size, padded detections in resized-image pixels; with
+`train=True`, targets and a key it samples anchors and RoIs as torchvision's training forward and
+returns the raw head outputs with their targets (`losses.maskrcnn_losses` turns them into losses).
+Anchors (`ops.anchors`), FPN levels, pooler sizes and RoI scales below are shared by both modes.
+Batch elements never interact: each image behaves as torchvision run on that image alone.
 """
 
 import math
-from typing import Any
+from typing import Any, Dict, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -16,8 +19,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from maskrcnn_jax import models
+from maskrcnn_jax import targets as tg
 from maskrcnn_jax.detections import postprocess_detections
-from maskrcnn_jax.ops.anchors import DEFAULT_ASPECT_RATIOS, DEFAULT_SIZES, base_anchors
+from maskrcnn_jax.ops.anchors import multilevel_anchors_for_image
 from maskrcnn_jax.ops.roi_align import multilevel_roi_align
 from maskrcnn_jax.proposals import generate_proposals
 
@@ -29,40 +33,32 @@ BACKBONES = {
     "tiny": models.TinyResNet,
 }
 
-# FPN levels P2..P6 have strides 2**2 .. 2**6; RoIs pool from P2..P5.
+# FPN levels P2..P6 have strides 2**2 .. 2**6 (anchors on all five); RoIs pool from P2..P5
+# (torchvision's MultiScaleRoIAlign on '0'..'3', sampling ratio 2, level mapping k0=4 over 2..5).
 FPN_LEVELS = (2, 3, 4, 5, 6)
-ROI_SCALES = (1 / 4, 1 / 8, 1 / 16, 1 / 32)
+ROI_LEVELS = FPN_LEVELS[:4]
+ROI_SCALES = tuple(1 / 2**k for k in ROI_LEVELS)
+ROI_SAMPLING_RATIO = 2
+BOX_POOL_SIZE = (7, 7)
+DEFAULT_MASK_SIZE = 28  # configs saved before `mask_size` existed ran with torchvision's 28
 
 
-def level_anchors_for_image(feature_size, level, padded_size, base):
-    """Anchors of one level for one image, as torchvision computes them for that image alone.
+def mask_pool_size(config) -> Tuple[int, int]:
+    """Mask-head RoIAlign output: half the mask size (the predictor upsamples 2x)."""
+    half = int(config.get("mask_size", DEFAULT_MASK_SIZE)) // 2
+    return (half, half)
 
-    torchvision's strides are `padded // feature` with the image padded to a multiple of 32, so
-    on P6 (feature `ceil(padded / 64)`) the stride is not always 64 (e.g. 800 // 13 = 61). The
-    canvas grid is larger than that image's grid; positions beyond it are marked invalid.
 
-    Args:
-      feature_size: static `(h, w)` of this level on the canvas.
-      level: static FPN level k (stride 2**k on the canvas).
-      padded_size: `(2,)` int32 traced `(height, width)` of the image padded to 32.
-      base: `(A, 4)` float32 zero-centred cell anchors (`ops.anchors.base_anchors`).
+def is_cropped(masks, canvas_size, mask_format: Optional[str]) -> bool:
+    """Whether gt masks are crops on their boxes (True) or canvas-sized full-resolution masks.
 
-    Returns:
-      anchors `(h * w * A, 4)` float32 `(x1, y1, x2, y2)` and valid `(h * w * A,)` bool, in
-      torchvision's order (y, x, anchor).
+    `mask_format` 'crops' / 'full', or None: decided by shape (masks the canvas size are full).
     """
-    h, w = feature_size
-    size_h = -(-padded_size[0] // 2**level)  # ceil: torchvision's feature size on this level
-    size_w = -(-padded_size[1] // 2**level)
-    stride_h, stride_w = padded_size[0] // size_h, padded_size[1] // size_w
-    ys, xs = jnp.arange(h, dtype=jnp.int32), jnp.arange(w, dtype=jnp.int32)
-    shift_y = jnp.broadcast_to((ys * stride_h)[:, None], (h, w)).astype(jnp.float32)
-    shift_x = jnp.broadcast_to((xs * stride_w)[None, :], (h, w)).astype(jnp.float32)
-    shifts = jnp.stack([shift_x, shift_y, shift_x, shift_y], axis=-1)  # (h, w, 4)
-    anchors = shifts[:, :, None, :] + jnp.asarray(base)[None, None]
-    valid = (ys[:, None] < size_h) & (xs[None, :] < size_w)
-    valid = jnp.broadcast_to(valid[:, :, None], (h, w, base.shape[0]))
-    return anchors.reshape(-1, 4), valid.reshape(-1)
+    if mask_format is None:
+        return tuple(masks.shape[2:]) != tuple(canvas_size)
+    if mask_format not in ("crops", "full"):
+        raise ValueError(f"mask_format must be 'crops', 'full' or None, got {mask_format!r}")
+    return mask_format == "crops"
 
 
 class MaskRCNN(nn.Module):
@@ -100,38 +96,37 @@ class MaskRCNN(nn.Module):
         )
         return self.fpn(self.backbone(images, pixel_valid), pixel_valid)
 
-    def proposals(self, fpn_features, image_sizes, padded_sizes, train: bool = False):
-        """RPN head outputs and padded proposals per image (see `generate_proposals`)."""
+    def proposals(self, fpn_features, anchors, anchor_valid, image_sizes, train: bool = False):
+        """RPN head outputs and padded proposals per image (see `generate_proposals`).
+
+        `anchors` / `anchor_valid`: per level `(B, N_l, 4)` / `(B, N_l)` (`anchors_for_image`).
+        """
         cfg = self.config
         objectness, deltas = self.rpn_head(fpn_features)
-        base = [base_anchors(s, r) for s, r in zip(DEFAULT_SIZES, DEFAULT_ASPECT_RATIOS)]
 
-        def one_image(obj, dlt, image_size, padded_size):
-            anchors, valid = zip(*[
-                level_anchors_for_image(f.shape[1:3], level, padded_size, b)
-                for f, level, b in zip(fpn_features, FPN_LEVELS, base)
-            ])
+        def one_image(obj, dlt, anc, anc_valid, image_size):
             return generate_proposals(
-                obj, dlt, anchors, valid, image_size,
+                obj, dlt, anc, anc_valid, image_size,
                 pre_nms_top_n=cfg.rpn_pre_nms_top_n_train if train else cfg.rpn_pre_nms_top_n_test,
                 post_nms_top_n=cfg.rpn_post_nms_top_n_train if train else cfg.rpn_post_nms_top_n_test,
                 nms_thresh=cfg.rpn_nms_thresh, score_thresh=cfg.rpn_score_thresh,
                 min_size=cfg.rpn_min_size,
             )
 
-        boxes, scores, valid = jax.vmap(one_image)(objectness, deltas, image_sizes, padded_sizes)
+        boxes, scores, valid = jax.vmap(one_image)(
+            objectness, deltas, anchors, anchor_valid, image_sizes)
         return {"objectness": objectness, "rpn_deltas": deltas,
                 "proposals": boxes, "proposal_scores": scores, "proposal_valid": valid}
 
     def pool(self, fpn_features, boxes, padded_sizes, output_size):
         """RoIAlign `(B, R, 4)` boxes from P2..P5: `(B, R, oh, ow, 256)` (torchvision's
         `MultiScaleRoIAlign`, sampling ratio 2, each image's own feature extent)."""
-        levels = fpn_features[: len(ROI_SCALES)]
+        levels = fpn_features[: len(ROI_LEVELS)]
 
         def one_image(feats, image_boxes, padded_size):
-            valid_sizes = jnp.stack([-(-padded_size // 2**k) for k in FPN_LEVELS[:len(levels)]])
+            valid_sizes = jnp.stack([-(-padded_size // 2**k) for k in ROI_LEVELS])
             return multilevel_roi_align(feats, image_boxes, output_size, ROI_SCALES,
-                                        sampling_ratio=2, valid_sizes=valid_sizes)
+                                        sampling_ratio=ROI_SAMPLING_RATIO, valid_sizes=valid_sizes)
 
         return jax.vmap(one_image)(levels, boxes, padded_sizes)
 
@@ -147,25 +142,64 @@ class MaskRCNN(nn.Module):
         logits = self.mask_predictor(self.mask_head(roi_features.reshape(b * d, *roi_features.shape[2:])))
         return logits.reshape(b, d, *logits.shape[1:])
 
-    def __call__(self, images, image_sizes, padded_sizes, return_intermediates: bool = False):
-        """Inference on canvas images.
+    def __call__(
+        self,
+        images,
+        image_sizes,
+        padded_sizes,
+        targets: Optional[Dict[str, jnp.ndarray]] = None,
+        key: Optional[jax.Array] = None,
+        *,
+        train: bool = False,
+        mask_rois_per_image: Optional[int] = None,
+        mask_format: Optional[str] = None,
+        max_mask_sampling_grid: Optional[int] = None,
+        return_intermediates: bool = False,
+    ):
+        """The network on canvas images: inference (default) or training outputs (`train=True`).
 
         Args:
           images: `(B, H, W, 3)` float32 normalized images in the canvas, zero-padded.
           image_sizes: `(B, 2)` int32 resized `(height, width)` of each image.
           padded_sizes: `(B, 2)` int32 `image_sizes` rounded up to 32.
-          return_intermediates: also return every stage's output (for `maskrcnn_jax.compare`).
+          targets: training only: dict with `boxes (B, G, 4)` float32 xyxy resized pixels,
+            `labels (B, G)` int32 `1..K-1`, `valid (B, G)` bool, `masks` `(B, G, S, S)` crops on
+            the gt boxes or `(B, G, H, W)` canvas-sized full-resolution masks (0/1, any dtype).
+          key: training only: PRNG key, the only randomness (anchor and RoI sampling).
+          train: static; True gives the training outputs (RPN in train top-n, sampled RoIs).
+          mask_rois_per_image: static, training: mask-head RoIs D per image; default
+            `int(box_batch_size_per_image * box_positive_fraction)`, every sampled positive.
+          mask_format: static, training: 'crops', 'full' or None (by shape, see `is_cropped`).
+          max_mask_sampling_grid: static, training: RoIAlign grid bound for full-resolution
+            masks (see `targets.mask_targets`).
+          return_intermediates: inference: also return every stage's output (for
+            `maskrcnn_jax.compare`).
 
         Returns:
-          dict with `boxes (B, D, 4)` float32 `(x1, y1, x2, y2)` in resized-image pixels,
-          `scores (B, D)`, `labels (B, D)` int32 (1-based), `valid (B, D)` bool and
-          `mask_probs (B, D, 28, 28)` float32 for the predicted class; D = detections_per_img,
-          padded entries zero.
+          Inference: dict with `boxes (B, D, 4)` float32 `(x1, y1, x2, y2)` in resized-image
+          pixels, `scores (B, D)`, `labels (B, D)` int32 (1-based), `valid (B, D)` bool and
+          `mask_probs (B, D, 28, 28)` float32 for the predicted class; D =
+          detections_per_img, padded entries zero.
+          Training: dict (the input of `losses.maskrcnn_losses`) with
+            `objectness (B, N)`, `rpn_deltas (B, N, 4)` over all anchors (levels concatenated),
+            `rpn_targets` (`targets.rpn_targets` stacked over the batch), `proposals (B, P, 4)`,
+            `proposal_valid (B, P)`, `class_logits (B, S, K)`, `box_regression (B, S, 4K)` of the
+            sampled RoIs, `roi_targets` (`targets.roi_targets` stacked), `mask_rois`
+            (`targets.positive_rois` stacked: boxes, labels, matched_idxs, valid `(B, D)`),
+            `mask_logits (B, D, M, M, K)` and `mask_targets (B, D, M, M)` float32.
         """
         cfg = self.config
         fpn_features = self.features(images, padded_sizes)
-        rpn = self.proposals(fpn_features, image_sizes, padded_sizes)
-        box_features = self.pool(fpn_features, rpn["proposals"], padded_sizes, (7, 7))
+        feature_sizes = [f.shape[1:3] for f in fpn_features]
+        anchors, anchor_valid = jax.vmap(
+            lambda p: multilevel_anchors_for_image(feature_sizes, FPN_LEVELS, p))(padded_sizes)
+        rpn = self.proposals(fpn_features, anchors, anchor_valid, image_sizes, train=train)
+        if train:
+            return self._training_outputs(
+                images, image_sizes, padded_sizes, targets, key, fpn_features, anchors,
+                anchor_valid, rpn, mask_rois_per_image, mask_format, max_mask_sampling_grid)
+
+        box_features = self.pool(fpn_features, rpn["proposals"], padded_sizes, BOX_POOL_SIZE)
         class_logits, box_regression = self.box_outputs(box_features)
         detections = jax.vmap(
             lambda lg, rg, props, valid, size: postprocess_detections(
@@ -175,7 +209,8 @@ class MaskRCNN(nn.Module):
                 pre_nms_top_n=cfg.box_pre_nms_top_n,
             )
         )(class_logits, box_regression, rpn["proposals"], rpn["proposal_valid"], image_sizes)
-        mask_features = self.pool(fpn_features, detections["boxes"], padded_sizes, (14, 14))
+        mask_features = self.pool(
+            fpn_features, detections["boxes"], padded_sizes, mask_pool_size(cfg))
         logits = self.mask_logits(mask_features)
         labels = detections["labels"]
         chosen = jnp.take_along_axis(logits, labels[:, :, None, None, None], axis=-1)[..., 0]
@@ -188,6 +223,59 @@ class MaskRCNN(nn.Module):
                 "mask_logits": logits,
             }
         return detections
+
+    def _training_outputs(self, images, image_sizes, padded_sizes, targets, key, fpn_features,
+                          anchors, anchor_valid, rpn, mask_rois_per_image, mask_format,
+                          max_mask_sampling_grid):
+        """torchvision's training forward after the RPN head: targets, sampling, heads."""
+        cfg = self.config
+        if targets is None or key is None:
+            raise ValueError("MaskRCNN(train=True) needs targets and a PRNG key")
+        num_mask_rois = mask_rois_per_image
+        if num_mask_rois is None:
+            num_mask_rois = int(cfg.box_batch_size_per_image * cfg.box_positive_fraction)
+        cropped = is_cropped(targets["masks"], images.shape[1:3], mask_format)
+        num_images = images.shape[0]
+        rpn_keys = jax.random.split(jax.random.fold_in(key, 0), num_images)
+        roi_keys = jax.random.split(jax.random.fold_in(key, 1), num_images)
+        gt_boxes = targets["boxes"].astype(jnp.float32)
+        gt_labels = targets["labels"].astype(jnp.int32)
+        gt_valid = targets["valid"].astype(bool)
+
+        rpn_tg = jax.vmap(lambda anc, anc_valid, boxes, valid, k: tg.rpn_targets(
+            jnp.concatenate(anc), jnp.concatenate(anc_valid), boxes, valid, k,
+            batch_size_per_image=cfg.rpn_batch_size_per_image,
+            positive_fraction=cfg.rpn_positive_fraction,
+            fg_iou_thresh=cfg.rpn_fg_iou_thresh, bg_iou_thresh=cfg.rpn_bg_iou_thresh,
+        ))(anchors, anchor_valid, gt_boxes, gt_valid, rpn_keys)
+
+        # torchvision detaches the proposals: no gradient through the RoI coordinates.
+        proposals = jax.lax.stop_gradient(rpn["proposals"])
+        roi_tg = jax.vmap(lambda p, pv, b, lb, v, k: tg.roi_targets(
+            p, pv, b, lb, v, k,
+            batch_size_per_image=cfg.box_batch_size_per_image,
+            positive_fraction=cfg.box_positive_fraction,
+            fg_iou_thresh=cfg.box_fg_iou_thresh, bg_iou_thresh=cfg.box_bg_iou_thresh,
+            bbox_reg_weights=tuple(cfg.bbox_reg_weights),
+        ))(proposals, rpn["proposal_valid"], gt_boxes, gt_labels, gt_valid, roi_keys)
+        box_features = self.pool(fpn_features, roi_tg["boxes"], padded_sizes, BOX_POOL_SIZE)
+        class_logits, box_regression = self.box_outputs(box_features)
+
+        rois = jax.vmap(lambda t: tg.positive_rois(t, num_mask_rois))(roi_tg)
+        mask_features = self.pool(fpn_features, rois["boxes"], padded_sizes, mask_pool_size(cfg))
+        mask_logits = self.mask_logits(mask_features)
+        mask_targets = jax.vmap(lambda mk, b, r, s: tg.mask_targets(
+            mk, b, r, s, mask_logits.shape[2], cropped, max_mask_sampling_grid
+        ))(targets["masks"], gt_boxes, rois, image_sizes)
+        return {
+            "objectness": jnp.concatenate(rpn["objectness"], axis=1),
+            "rpn_deltas": jnp.concatenate(rpn["rpn_deltas"], axis=1),
+            "rpn_targets": rpn_tg,
+            "proposals": proposals, "proposal_valid": rpn["proposal_valid"],
+            "class_logits": class_logits, "box_regression": box_regression,
+            "roi_targets": roi_tg,
+            "mask_rois": rois, "mask_logits": mask_logits, "mask_targets": mask_targets,
+        }
 
 
 def frozen(config) -> ml_collections.FrozenConfigDict:

@@ -118,19 +118,12 @@ class TrainState:
 
 
 def init_variables(model: MaskRCNN, key: jax.Array):
-    """Fresh `{'params', 'batch_stats'}` of a MaskRCNN. Parameter shapes do not depend on the
-    image size, so a small 64x64 image initialises every module cheaply."""
-
-    def init_all(m, images, padded_sizes):
-        fpn = m.features(images, padded_sizes)
-        m.rpn_head(fpn)
-        channels = model.config.fpn_channels
-        m.box_outputs(jnp.zeros((1, 1, 7, 7, channels), jnp.float32))
-        m.mask_logits(jnp.zeros((1, 1, 14, 14, channels), jnp.float32))
-
+    """Fresh `{'params', 'batch_stats'}` of a MaskRCNN, initialised through its own `__call__`
+    (inference mode). Parameter shapes do not depend on the image size, so a small 64x64 image
+    initialises every module cheaply (the unused detections are dead code under jit)."""
     images = jnp.zeros((1, 64, 64, 3), jnp.float32)
-    padded = jnp.full((1, 2), 64, jnp.int32)
-    return jax.jit(lambda k: model.init(k, images, padded, method=init_all))(key)
+    sizes = jnp.full((1, 2), 64, jnp.int32)
+    return jax.jit(lambda k: model.init(k, images, sizes, sizes))(key)
 
 
 def create_train_state(model: MaskRCNN, tx, key: jax.Array, init_backbone=None) -> TrainState:

@@ -8,7 +8,8 @@ cropped to the two images' common padded size, bypassing its transform which wou
 and the same targets (boxes, labels, full-resolution masks, one object cut by the image border).
 Sampling is made deterministic in both by sample counts above the number of candidates and
 positive fraction 1 (every positive and every negative is taken). Each of the five losses must
-agree within 1e-4 relative.
+agree within 1e-4 relative. The set-up is `maskrcnn_jax.testing.loss_parity` (shared with
+tests/test_gradient_parity.py).
 
 Robustness uses a tiny backbone on a small canvas (fast to compile): finite losses and gradients
 for images without objects and for a batch mixing empty and non-empty images; the crops mask path
@@ -22,21 +23,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import torchvision
-from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
-from torchvision.models.detection.image_list import ImageList
-from torchvision.ops.misc import FrozenBatchNorm2d
 
 from maskrcnn_jax import targets as tg
 from maskrcnn_jax.config import model_config
-from maskrcnn_jax.convert import from_torchvision
 from maskrcnn_jax.losses import LOSS_NAMES, compute_losses, mask_loss
 from maskrcnn_jax.model import MaskRCNN, frozen
 from maskrcnn_jax.ops.boxes import decode_boxes
 from maskrcnn_jax.ops.mask_targets import crop_masks_to_boxes
-from maskrcnn_jax.testing.images import ellipse_image
-from maskrcnn_jax.testing.torch_models import randomize_frozen_bn_and_biases
-from maskrcnn_jax.transform import preprocess
+from maskrcnn_jax.testing import loss_parity
+from maskrcnn_jax.testing.loss_parity import MASK_ROIS, PARITY_KWARGS, ellipse_objects
 
 RTOL = 1e-4
 
@@ -44,100 +39,17 @@ RTOL = 1e-4
 # Parity with torchvision
 # --------------------------------------------------------------------------------------------
 
-PARITY_KWARGS = dict(
-    num_classes=5, min_size=200, max_size=300,
-    rpn_pre_nms_top_n_train=1000, rpn_post_nms_top_n_train=1000, rpn_nms_thresh=0.9,
-    # More than the 16125 anchors / 300 + G RoI candidates, fraction 1: all are sampled.
-    rpn_batch_size_per_image=20000, rpn_positive_fraction=1.0,
-    box_batch_size_per_image=1024, box_positive_fraction=1.0,
-)
-# Larger than the images' padded size (224, 288): anchors and features beyond it are invalid.
-PARITY_CANVAS = (256, 320)
-# Original sizes resizing to (200, 260) and (200, 263): both pad to (224, 288) as torchvision
-# pads the batch, so its batch padding equals each image's own.
-ORIGINAL_SHAPES = [(200, 260), (190, 250)]
-MASK_ROIS = 32
-
-
-def _image(rng, h, w):
-    """A smooth uint8 RGB image with four bright ellipses."""
-    return ellipse_image(rng, h, w, num_ellipses=4)
-
-
-def _ellipse_objects(canvas, image_size, ellipses, num_slots):
-    """Masks `(num_slots, H, W)` uint8 of filled ellipses `(cx, cy, rx, ry)` cut to the image,
-    their tight boxes (x2, y2 exclusive pixel edges) and validity; extra slots padded."""
-    height, width = canvas
-    h, w = image_size
-    yy, xx = np.mgrid[:height, :width] + 0.5
-    masks = np.zeros((num_slots, height, width), np.uint8)
-    boxes = np.zeros((num_slots, 4), np.float32)
-    for i, (cx, cy, rx, ry) in enumerate(ellipses):
-        m = (((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1) & (yy < h) & (xx < w)
-        ys, xs = np.nonzero(m)
-        masks[i] = m
-        boxes[i] = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
-    valid = np.arange(num_slots) < len(ellipses)
-    return masks, boxes, valid
-
-
-@torch.no_grad()
-def _randomize(model, seed):
-    """FrozenBN buffers to a non-identity affine map, non-zero biases, sharpened logits."""
-    randomize_frozen_bn_and_biases(model, seed)
-    # Randomised BN makes the features large: scale the predictors to O(1) logits, where every
-    # loss depends on its targets, and RPN deltas small so that proposals stay near the anchors
-    # (some overlap the gt at IoU >= 0.5 and become positive RoIs besides the gt boxes).
-    model.rpn.head.cls_logits.weight.mul_(0.3)
-    model.rpn.head.bbox_pred.weight.mul_(0.01)
-    model.rpn.head.bbox_pred.bias.mul_(0.01)
-    model.roi_heads.box_predictor.cls_score.weight.mul_(0.02)
-    model.roi_heads.mask_predictor.mask_fcn_logits.weight.mul_(0.003)
-
 
 @pytest.fixture(scope="module")
 def parity():
-    torch.manual_seed(0)
-    body = torchvision.models.resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
-    torch_model = torchvision.models.detection.MaskRCNN(
-        _resnet_fpn_extractor(body, 3), **PARITY_KWARGS)
-    _randomize(torch_model, seed=1)
-    config, variables = from_torchvision(
-        torch_model.state_dict(), canvas_size=PARITY_CANVAS, **PARITY_KWARGS)
-
-    rng = np.random.default_rng(0)
-    batch = preprocess([_image(rng, h, w) for h, w in ORIGINAL_SHAPES], config)
+    setup = loss_parity.build()
+    torch_model, config, variables = setup["torch_model"], setup["config"], setup["variables"]
+    batch, jax_batch = setup["batch"], setup["jax_batch"]
     assert batch.padded_sizes.tolist() == [[224, 288], [224, 288]]
     assert batch.image_sizes.tolist() == [[200, 260], [200, 263]]
-    objects = [
-        # One ellipse cut by the bottom-right image border, one inside, one small.
-        [(60, 80, 45, 55), (245, 185, 40, 30), (120, 40, 18, 15)],
-        [(110, 110, 80, 70), (30, 25, 22, 18)],
-    ]
-    labels = np.asarray([[1, 4, 2], [3, 1, 0]], np.int32)
-    masks, boxes, valid = zip(*[
-        _ellipse_objects(PARITY_CANVAS, size, obj, 3)
-        for size, obj in zip(batch.image_sizes, objects)
-    ])
-    jax_batch = dict(images=batch.images, image_sizes=batch.image_sizes,
-                     padded_sizes=batch.padded_sizes, boxes=np.stack(boxes),
-                     labels=labels, valid=np.stack(valid), masks=np.stack(masks))
 
-    # torchvision's training forward without its transform: the batch tensor is exactly the
-    # region it would have padded to.
-    ph, pw = batch.padded_sizes[0]
-    tensor = torch.from_numpy(np.ascontiguousarray(batch.images[:, :ph, :pw].transpose(0, 3, 1, 2)))
-    image_list = ImageList(tensor, [tuple(int(v) for v in s) for s in batch.image_sizes])
-    torch_targets = []
-    for b, (h, w) in enumerate(batch.image_sizes):
-        keep = jax_batch["valid"][b]
-        torch_targets.append({
-            "boxes": torch.from_numpy(jax_batch["boxes"][b][keep]),
-            "labels": torch.from_numpy(labels[b][keep].astype(np.int64)),
-            "masks": torch.from_numpy(jax_batch["masks"][b][keep][:, :h, :w]),
-        })
     captured = {}
-    select = torch_model.roi_heads.select_training_samples
+    select = type(torch_model.roi_heads).select_training_samples.__get__(torch_model.roi_heads)
 
     def capture(proposals, targets):
         out = select(proposals, targets)
@@ -146,12 +58,11 @@ def parity():
         return out
 
     torch_model.roi_heads.select_training_samples = capture
-    torch_model.train()
-    with torch.no_grad():
-        features = torch_model.backbone(image_list.tensors)
-        proposals, losses = torch_model.rpn(image_list, features, torch_targets)
-        _, roi_losses = torch_model.roi_heads(features, proposals, image_list.image_sizes, torch_targets)
-    losses.update(roi_losses)
+    try:
+        with torch.no_grad():
+            losses = loss_parity.torch_losses(setup)
+    finally:
+        del torch_model.roi_heads.select_training_samples
     torch_losses = {k: float(v) for k, v in losses.items()}
     num_positive = [int((lb > 0).sum()) for lb in captured["labels"]]
     num_sampled = [len(lb) for lb in captured["labels"]]
@@ -224,7 +135,7 @@ def tiny():
         jax.random.PRNGKey(0), images, TINY_PADDED)
     objects = [[(30, 25, 20, 15), (70, 40, 22, 20)], [(40, 60, 30, 25)]]
     masks, boxes, valid = zip(*[
-        _ellipse_objects(TINY_CANVAS, size, obj, 3) for size, obj in zip(TINY_SIZES, objects)])
+        ellipse_objects(TINY_CANVAS, size, obj, 3) for size, obj in zip(TINY_SIZES, objects)])
     boxes = np.stack(boxes)
     crops = jax.vmap(lambda m, b: crop_masks_to_boxes(m, b, CROP_SIZE))(np.stack(masks), boxes)
     batch = dict(images=images, image_sizes=TINY_SIZES, padded_sizes=TINY_PADDED, boxes=boxes,
@@ -284,7 +195,7 @@ def test_crops_path_close_to_full_resolution():
     rng = np.random.default_rng(3)
     canvas, image_size = (256, 320), np.asarray([240, 300], np.int32)
     objects = [(60, 80, 45, 55), (285, 225, 40, 30), (150, 40, 12, 10), (180, 150, 100, 70)]
-    masks, boxes, valid = _ellipse_objects(canvas, image_size, objects, 5)
+    masks, boxes, valid = ellipse_objects(canvas, image_size, objects, 5)
     num_rois = 64
     matched = rng.integers(0, 4, num_rois).astype(np.int32)
     size = boxes[matched, 2:] - boxes[matched, :2]
@@ -321,7 +232,7 @@ def test_full_resolution_targets_match_torchvision_at_image_border():
     from torchvision.ops import roi_align
 
     canvas, image_size = (96, 128), (70, 90)
-    masks, boxes, _ = _ellipse_objects(canvas, image_size, [(80, 60, 20, 15), (30, 30, 20, 25)], 2)
+    masks, boxes, _ = ellipse_objects(canvas, image_size, [(80, 60, 20, 15), (30, 30, 20, 25)], 2)
     rois = dict(boxes=np.asarray([[60, 45, 90, 70], [65.5, 50.2, 89.7, 69.9], [10, 5, 50, 56]],
                                  np.float32),
                 matched_idxs=np.asarray([0, 0, 1], np.int32), labels=np.ones(3, np.int32),
