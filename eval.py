@@ -1,65 +1,81 @@
 """COCO evaluation (box and mask AP) of a checkpoint on a data set split.
 
-    python eval.py --checkpoint DIR [--data shapes|coco_instances] [--data_dir ~/tensorflow_datasets]
-                   [--split validation] [--manual_dir COCO_FOLDER] [--workdir OUT] [--batch_size 8]
+    python eval.py --checkpoint=DIR [--data=shapes|coco_instances] [--data_dir=~/tensorflow_datasets]
+                   [--split=validation] [--manual_dir=COCO_FOLDER] [--workdir=OUT] [--batch_size=8]
 
 DIR is either
-  (a) a converted checkpoint (`python -m maskrcnn_jax.convert`: `config.json` + `variables/`), or
-  (b) a training workdir of train.py (`checkpoints/<step>/{state,config,data}`): the latest step's
+  (a) a converted checkpoint (convert.py: `config.json` + `variables/`), or
+  (b) a train.py workdir (`checkpoints/<step>/{state,config,data}`): the latest step's
       parameters and batch statistics are evaluated with the model config saved beside them, and
       the data set defaults to the one it was trained on (its eval split).
 Prints the 12-line COCO summaries and writes detections.json and metrics.json into --workdir
-(default: DIR).
+(default: DIR). A --checkpoint that does not exist is an error; nothing is created.
 """
 
-import argparse
 import os
 import sys
 
-from maskrcnn_jax.checkpoints import load_checkpoint  # noqa: F401  (re-exported for callers)
+from absl import flags
+
+from maskrcnn_jax import cli
+
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("checkpoint", None, "converted checkpoint directory or train.py workdir",
+                    flag_values=FLAGS)
+flags.DEFINE_enum("data", None, ["shapes", "coco_instances"],
+                  "data set (default: the training config's, else shapes)", flag_values=FLAGS)
+flags.DEFINE_string("data_dir", None, "TFDS data directory", flag_values=FLAGS)
+flags.DEFINE_string("split", None, "split (default: the training config's eval split, else "
+                    "validation)", flag_values=FLAGS)
+flags.DEFINE_string("manual_dir", None, "COCO folder (coco_instances)", flag_values=FLAGS)
+flags.DEFINE_string("data_config", None, "builder config name (e.g. a shapes config such as "
+                    "n2000_200_seed0)", flag_values=FLAGS)
+flags.DEFINE_string("workdir", None, "output directory (default: --checkpoint)",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 8, "images per compiled call", lower_bound=1,
+                     flag_values=FLAGS)
+flags.DEFINE_integer("max_images", None, "evaluate the first N images only", flag_values=FLAGS)
+flags.DEFINE_bool("progress", True, "show a progress bar", flag_values=FLAGS)
 
 
-def load_source(args, train_config):
-    """The data source of the requested split; defaults from the training config if any."""
+def load_source(train_config, data=None, data_dir=None, split=None, manual_dir=None,
+                data_config=None):
+    """The data source of the requested split; unset values default from the training config
+    (a train.py workdir's), else shapes / ~/tensorflow_datasets / validation."""
     from maskrcnn_jax.data import builders
 
     data_cfg = (train_config or {}).get("data", {})
-    name = args.data or data_cfg.get("name", "shapes")
-    data_dir = os.path.expanduser(args.data_dir or data_cfg.get("data_dir") or "~/tensorflow_datasets")
-    split = args.split or data_cfg.get("eval_split", "validation")
-    manual_dir = args.manual_dir or data_cfg.get("manual_dir") or None
+    name = data or data_cfg.get("name", "shapes")
+    data_dir = os.path.expanduser(data_dir or data_cfg.get("data_dir") or "~/tensorflow_datasets")
+    split = split or data_cfg.get("eval_split", "validation")
+    manual_dir = manual_dir or data_cfg.get("manual_dir") or None
     if name == "shapes":
         options = data_cfg.get("shapes") if data_cfg.get("name") == "shapes" else None
-        config = args.data_config or (builders.shapes_config(**options) if options else None)
+        config = data_config or (builders.shapes_config(**options) if options else None)
         return builders.load("shapes", data_dir, split, config=config)
     return builders.load(name, data_dir, split,
                          manual_dir=os.path.expanduser(manual_dir) if manual_dir else None)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", required=True,
-                        help="converted checkpoint directory or train.py workdir")
-    parser.add_argument("--data", choices=["shapes", "coco_instances"], default=None,
-                        help="data set (default: the training config's, else shapes)")
-    parser.add_argument("--data_dir", default=None, help="TFDS data directory")
-    parser.add_argument("--split", default=None, help="split (default: validation)")
-    parser.add_argument("--manual_dir", default=None, help="COCO folder (coco_instances)")
-    parser.add_argument("--data_config", default=None,
-                        help="builder config name (e.g. a shapes config such as n2000_200_seed0)")
-    parser.add_argument("--workdir", default=None, help="output directory (default: --checkpoint)")
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--max_images", type=int, default=None)
-    parser.add_argument("--no_progress", action="store_true")
-    args = parser.parse_args(argv)
+def main(argv=None) -> int:
+    args = cli.parse(FLAGS, argv, __doc__, "eval.py")
+    if args:
+        raise SystemExit(f"eval.py: unexpected arguments {args}; see --help")
+    if not FLAGS.checkpoint:
+        raise SystemExit("eval.py: --checkpoint is required")
+    checkpoint = os.path.expanduser(FLAGS.checkpoint)
+    if not os.path.isdir(checkpoint):
+        raise SystemExit(f"eval.py: --checkpoint {checkpoint}: no such directory")
 
-    from maskrcnn_jax.evaluation import evaluate
+    from maskrcnn_jax.checkpoints import load_checkpoint
+    from maskrcnn_jax.inference.evaluation import evaluate
 
-    config, variables, train_config = load_checkpoint(os.path.expanduser(args.checkpoint))
-    source = load_source(args, train_config)
-    metrics = evaluate(config, variables, source, batch_size=args.batch_size,
-                       workdir=args.workdir or args.checkpoint, max_images=args.max_images,
-                       progress=not args.no_progress)
+    config, variables, train_config = load_checkpoint(checkpoint)
+    source = load_source(train_config, FLAGS.data, FLAGS.data_dir, FLAGS.split,
+                         FLAGS.manual_dir, FLAGS.data_config)
+    metrics = evaluate(config, variables, source, batch_size=FLAGS.batch_size,
+                       workdir=FLAGS.workdir or checkpoint, max_images=FLAGS.max_images,
+                       progress=FLAGS.progress)
     print(" ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.endswith(("/AP", "/AP50"))))
     return 0
 

@@ -23,10 +23,11 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from maskrcnn_jax import train_lib
+from maskrcnn_jax import checkpoints
 from maskrcnn_jax.config import model_config
 from maskrcnn_jax.data import builders, pipeline
-from maskrcnn_jax.model import MaskRCNN, frozen
+from maskrcnn_jax.models.maskrcnn import MaskRCNN, frozen
+from maskrcnn_jax.training import train_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/shapes.py", "Training configuration file.")
@@ -47,7 +48,10 @@ def load_source(data_cfg, split: str):
 
 def load_backbone(path: str):
     """Backbone variables from a torchvision ImageNet ResNet state dict (.pth; needs torch)."""
-    from maskrcnn_jax.convert import backbone_from_torchvision_resnet, load_state_dict
+    from maskrcnn_jax.torchvision.convert import (
+        backbone_from_torchvision_resnet,
+        load_state_dict,
+    )
 
     return backbone_from_torchvision_resnet(load_state_dict(path))
 
@@ -73,9 +77,22 @@ class SigtermFlag:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+def discard_diverged(manager, step: int) -> str:
+    """After a non-finite loss at `step`: the state it was computed from (`step - 1`) does not
+    train on, so its checkpoint, if one was saved, is deleted. Returns what is left."""
+    if step - 1 in manager.all_steps():
+        checkpoints.delete_step(manager, step - 1)
+        log.warning("deleted checkpoint step %d: its next step's loss is not finite", step - 1)
+    manager.wait_until_finished()
+    latest = manager.latest_step()
+    return ("no checkpoint kept" if latest is None
+            else f"the newest checkpoint is step {latest}; resume from it with a lower learning "
+                 "rate or gradient clipping")
+
+
 def evaluate(config, model_cfg, state, workdir: str):
     """COCO metrics of the current parameters on the eval split."""
-    from maskrcnn_jax import evaluation
+    from maskrcnn_jax.inference import evaluation
 
     variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
     return evaluation.evaluate(model_cfg, variables, load_source(config.data, config.data.eval_split),
@@ -96,6 +113,8 @@ def train_and_evaluate(config, workdir: str, step_hook=None) -> dict:
 
     Raises:
       FloatingPointError: a loss is not finite (the message names the step and every term).
+        The state that gave it is never saved, and a checkpoint of the state just before is
+        deleted, so that the newest checkpoint is one that trains on.
     """
     workdir = os.path.abspath(os.path.expanduser(workdir))
     model_cfg = model_config(**config.model.to_dict())
@@ -115,10 +134,10 @@ def train_and_evaluate(config, workdir: str, step_hook=None) -> dict:
     param_shapes = jax.eval_shape(lambda: train_lib.init_variables(model, key))["params"]
     tx, schedule = train_lib.create_optimizer(config.optimizer, param_shapes, global_batch,
                                               config.frozen_backbone_stages)
-    manager = train_lib.checkpoint_manager(workdir, config.keep_checkpoints)
+    manager = checkpoints.checkpoint_manager(workdir, config.keep_checkpoints)
     backbone = load_backbone(config.init_backbone) if config.init_backbone else None
     state = train_lib.replicate(train_lib.create_train_state(model, tx, key, backbone), mesh)
-    restored = train_lib.restore_checkpoint(manager, state)
+    restored = checkpoints.restore_train_state(manager, state, config.model.to_dict())
     if restored is not None:
         state, data_state, _ = restored
         data_iter.set_state(data_state)
@@ -130,7 +149,7 @@ def train_and_evaluate(config, workdir: str, step_hook=None) -> dict:
     num_steps = int(config.num_train_steps)
 
     def save(at_step):
-        train_lib.save_checkpoint(manager, at_step, state, data_iter.get_state(), config)
+        checkpoints.save_train_state(manager, at_step, state, data_iter.get_state(), config)
 
     window, window_start, window_steps = {}, time.time(), 0
     last_logged = {}
@@ -141,7 +160,10 @@ def train_and_evaluate(config, workdir: str, step_hook=None) -> dict:
             state, metrics = p_train_step(state, batch)
             step += 1
             metrics = jax.device_get(metrics)
-            train_lib.check_finite(step, metrics)
+            try:
+                train_lib.check_finite(step, metrics)
+            except FloatingPointError as e:
+                raise FloatingPointError(f"{e}; {discard_diverged(manager, step)}") from None
             if step_hook is not None:
                 step_hook(step, metrics)
             for k, v in metrics.items():

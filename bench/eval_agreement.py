@@ -8,7 +8,7 @@ weights are converted to torchvision (`convert.to_torchvision`) and loaded into 
 torchvision `MaskRCNN` (`testing.torch_models.torchvision_maskrcnn`: same widths, resize
 min/max size, thresholds). torchvision runs on each image of the evaluation split (the training
 config's, default shapes validation), one at a time, and its outputs are scored with pycocotools
-against the split's real ground truth; `maskrcnn_jax.evaluation.evaluate` (what eval.py runs)
+against the split's real ground truth; `maskrcnn_jax.inference.evaluation.evaluate` (what eval.py runs)
 scores the same images. torchvision runs with its compiled C++ kernels (nms, roi_align), on the
 CPU, as JAX here (JAX_PLATFORMS defaults to cpu), both with the same CPU threads (--threads,
 default every core this process may use; see bench/timing.py). Prints the versions and thread
@@ -63,11 +63,14 @@ def main(argv=None):
     import torch
 
     from maskrcnn_jax.checkpoints import load_checkpoint
-    from maskrcnn_jax.convert import to_torchvision
     from maskrcnn_jax.data import builders
-    from maskrcnn_jax.evaluation import evaluate
+    from maskrcnn_jax.inference.evaluation import evaluate
     from maskrcnn_jax.testing import import_torchvision
-    from maskrcnn_jax.testing.torch_models import torchvision_coco_metrics, torchvision_maskrcnn
+    from maskrcnn_jax.testing.torch_models import (
+        torchvision_coco_metrics,
+        torchvision_maskrcnn,
+    )
+    from maskrcnn_jax.torchvision.convert import to_torchvision
 
     header(THREADS, torch, import_torchvision(), jax, "cpu")
 

@@ -42,11 +42,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import jax  # noqa: E402
 import torch  # noqa: E402
-
-from maskrcnn_jax.convert import from_torchvision  # noqa: E402
-from maskrcnn_jax.predictor import Predictor  # noqa: E402
-from maskrcnn_jax.testing import import_torchvision  # noqa: E402
 from timing import header, median_seconds, seconds, torch_device, torch_sync  # noqa: E402
+
+from maskrcnn_jax.inference.predictor import Predictor  # noqa: E402
+from maskrcnn_jax.testing import import_torchvision  # noqa: E402
+from maskrcnn_jax.torchvision.convert import from_torchvision  # noqa: E402
 
 
 def _images(rng, size, n):

@@ -35,11 +35,11 @@ import torch  # noqa: E402
 from maskrcnn_jax.testing import import_torchvision  # noqa: E402
 
 torchvision = import_torchvision()
+from timing import header, median_seconds, seconds, torch_device, torch_sync  # noqa: E402
 from torchvision.ops import MultiScaleRoIAlign  # noqa: E402
 
 from maskrcnn_jax.ops.nms import nms_padded  # noqa: E402
 from maskrcnn_jax.ops.roi_align import multilevel_roi_align  # noqa: E402
-from timing import header, median_seconds, seconds, torch_device, torch_sync  # noqa: E402
 
 DEVICE = torch_device(jax, torch)
 

@@ -52,14 +52,14 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import optax  # noqa: E402
 import torch  # noqa: E402
-
-from maskrcnn_jax.convert import from_torchvision  # noqa: E402
-from maskrcnn_jax.losses import compute_losses  # noqa: E402
-from maskrcnn_jax.model import MaskRCNN, frozen  # noqa: E402
-from maskrcnn_jax.testing import import_torchvision  # noqa: E402
-from maskrcnn_jax.train_lib import create_optimizer, frozen_param_labels  # noqa: E402
-from maskrcnn_jax.transform import preprocess  # noqa: E402
 from timing import header, torch_device, torch_sync  # noqa: E402
+
+from maskrcnn_jax.data.transform import preprocess  # noqa: E402
+from maskrcnn_jax.models.maskrcnn import MaskRCNN, frozen  # noqa: E402
+from maskrcnn_jax.testing import import_torchvision  # noqa: E402
+from maskrcnn_jax.torchvision.convert import from_torchvision  # noqa: E402
+from maskrcnn_jax.training.losses import compute_losses  # noqa: E402
+from maskrcnn_jax.training.train_lib import create_optimizer, frozen_param_labels  # noqa: E402
 
 
 def torchvision_model(backbone_name, num_classes, frozen_stages):

@@ -25,8 +25,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from maskrcnn_jax.data import coco
-from maskrcnn_jax.data import shapes
+from maskrcnn_jax.data import coco, shapes
 
 # TFDS derives a builder's code path through `importlib_resources` (not installed) for classes in
 # packages; both builders live here and have no checksums or metadata files beside them.

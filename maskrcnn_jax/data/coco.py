@@ -6,7 +6,7 @@ Every usable image becomes one record (see `RECORD_FIELDS`); images without anno
 are kept.
 Masks are stored as compressed RLE strings of the original image size: polygons and
 uncompressed (crowd) RLE are converted with pycocotools, so every consumer decodes one format.
-Images of other colour modes (gray, palette, CMYK, 16-bit, alpha) become 8-bit RGB (`_to_rgb`).
+Images of other colour modes (gray, palette, CMYK, 16-bit, alpha) become 8-bit RGB (`images.to_rgb`).
 
 Real sets have defects (truncated files, polygons of < 3 points, degenerate boxes, ...):
 `coco_records` skips what they make unusable and counts them per kind (`DEFECT_KINDS`, a
@@ -27,6 +27,8 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
+
+from maskrcnn_jax.data.images import to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -356,34 +358,6 @@ def xywh_to_xyxy(bbox: Any, where: str) -> list[float]:
         raise CocoFormatError(f"{where}: {d.detail}", kind=d.kind, field=d.field) from None
 
 
-def _gray16_to_rgb(image: Image.Image) -> Image.Image:
-    """16-bit grayscale ('I;16*', or 'I' read as 16-bit values) -> 8-bit RGB by round(v / 257)
-    (65535 -> 255, the inverse of v8 * 257); PIL's convert('RGB') would clip at 255 instead and
-    turn a 16-bit image near-white. 'I' values outside 0..65535 are clipped first."""
-    values = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
-    gray = ((values + 128) // 257).astype(np.uint8)  # == round(v / 257) (no ties for integers)
-    return Image.fromarray(np.repeat(gray[..., None], 3, axis=-1))
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """A decoded image of any PIL mode -> 8-bit 'RGB'.
-
-    Alpha is dropped, not composited (on black or white): 'RGBA' / 'LA' / palettes with
-    transparency keep their colour values, as torchvision's `read_image(mode=RGB)` and PIL's
-    convert('RGB') do. 'L' / '1' repeat the gray value (1-bit: 0 / 255); 'CMYK' (including
-    Adobe-inverted JPEGs, which PIL un-inverts when decoding) and 'YCbCr' etc. use PIL's
-    conversion; palettes ('P', 'PA') map through their palette.
-    """
-    mode = image.mode
-    if mode == "RGB":
-        return image
-    if mode.startswith("I;16") or mode == "I":
-        return _gray16_to_rgb(image)
-    if mode in ("P", "PA"):
-        image = image.convert("RGBA")  # the palette's colours (its transparency -> alpha, dropped)
-    return image.convert("RGB")
-
-
 def _png_bit_depth(data: bytes) -> int:
     """The bit depth in a PNG's IHDR (PIL reads 48-bit RGB PNGs as mode 'RGB')."""
     return data[24] if len(data) > 24 and data[12:16] == b"IHDR" else 8
@@ -393,7 +367,7 @@ def _read_rgb_image(path: str) -> tuple[bytes, int, int]:
     """Encoded bytes of an 8-bit RGB image and `(height, width)`; raises `_Defect`.
 
     8-bit RGB JPEG / PNG files (PNG without transparency) are kept as they are; anything else is
-    decoded, converted (`_to_rgb`) and re-encoded as a PNG, so that every decoder on read (PIL, or
+    decoded, converted (`images.to_rgb`) and re-encoded as a PNG, so that every decoder on read (PIL, or
     OpenCV's IMREAD_UNCHANGED in TFDS) gets (H, W, 3) uint8. 48-bit RGB PNGs: PIL keeps the high
     byte of each value (v >> 8, at most 1 below round(v / 257)).
     """
@@ -414,7 +388,7 @@ def _read_rgb_image(path: str) -> tuple[bytes, int, int]:
                                        and "transparency" not in image.info))
         if not keep:
             try:
-                rgb = _to_rgb(image)
+                rgb = to_rgb(image)
             except Exception as e:
                 raise _Defect(IMAGE_MODE_UNSUPPORTED, "file_name",
                               f"image file {path}: no RGB conversion of mode {image.mode}: "
@@ -426,7 +400,7 @@ def _read_rgb_image(path: str) -> tuple[bytes, int, int]:
 
 
 def read_rgb_image(path: str, where: str) -> tuple[bytes, int, int]:
-    """The encoded bytes of an 8-bit RGB image (other modes converted, see `_to_rgb`, and
+    """The encoded bytes of an 8-bit RGB image (other modes converted, see `images.to_rgb`, and
     re-encoded as PNG) and its `(height, width)`. Raises CocoFormatError naming the file if it
     is missing or corrupt."""
     try:

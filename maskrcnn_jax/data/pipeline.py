@@ -3,7 +3,7 @@
 Per image, as torchvision's reference training + `GeneralizedRCNNTransform` do it: decode;
 (train) random horizontal flip of the original image, boxes and masks; resize (short side to
 `min_size`, drawn from a tuple when training with scale jitter, long side <= `max_size`) with
-`maskrcnn_jax.transform.preprocess`, which also normalizes and pads into the canvas; boxes scaled
+`maskrcnn_jax.data.transform.preprocess`, which also normalizes and pads into the canvas; boxes scaled
 by `new / original` size in float32 (torchvision `resize_boxes`); masks resized with torch's
 `nearest` rule and cropped onto their resized boxes at `mask_crop_size` (RoIAlign with torchvision's
 `project_masks_on_boxes` arithmetic: spatial scale 1, adaptive sampling grid, aligned=False).
@@ -17,15 +17,14 @@ an iterator's `get_state()` / `set_state()` resumes it exactly.
 """
 
 import logging
-import types
 from typing import Optional, Sequence
 
 import grain
 import numpy as np
 from absl import flags
 
-from maskrcnn_jax import transform
-from maskrcnn_jax.data import coco
+from maskrcnn_jax.data import coco, transform
+from maskrcnn_jax.ops.interpolate import nearest_indices
 
 BATCH_FIELDS = {
     "images": "(B, Hc, Wc, 3) float32 normalized, zero padded",
@@ -46,19 +45,6 @@ BATCH_FIELDS = {
 }
 
 log = logging.getLogger(__name__)
-
-
-def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
-    """Source index of each output pixel for torch's `nearest` interpolation (CPU kernel,
-    output size given): `min(floor(i * float32(in / out)), in - 1)`, with torch's shortcuts
-    for equal and doubled sizes."""
-    i = np.arange(out_size)
-    if out_size == in_size:
-        return i
-    if out_size == 2 * in_size:
-        return i >> 1
-    scale = np.float32(in_size) / np.float32(out_size)
-    return np.minimum(np.floor(i.astype(np.float32) * scale).astype(np.int64), in_size - 1)
 
 
 def _axis_weights(start, end, crop_size: int, size: int):
@@ -158,11 +144,7 @@ def prepare_example(record: dict, config, *, min_size: int, flip: bool, max_inst
     if flip:
         image = image[:, ::-1]
         boxes = np.stack([w0 - boxes[:, 2], boxes[:, 1], w0 - boxes[:, 0], boxes[:, 3]], 1)
-    resize_config = types.SimpleNamespace(
-        canvas_size=tuple(config.canvas_size), min_size=int(min_size), max_size=config.max_size,
-        size_divisible=config.size_divisible, image_mean=config.image_mean,
-        image_std=config.image_std)
-    batch = transform.preprocess([np.ascontiguousarray(image)], resize_config)
+    batch = transform.preprocess([np.ascontiguousarray(image)], config, min_size=min_size)
     h, w = (int(v) for v in batch.image_sizes[0])
     # torchvision resize_boxes: ratios new / original as float32 tensors.
     ratio = np.asarray([w, h, w, h], np.float32) / np.asarray([w0, h0, w0, h0], np.float32)

@@ -8,37 +8,19 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
-import numpy as np
 
 from maskrcnn_jax.models.resnet import conv2d, zero_outside
+from maskrcnn_jax.ops.interpolate import nearest_indices
 
 # torchvision initialises the FPN convs with kaiming_uniform_(a=1) (gain 1) and zero bias.
 _fpn_init = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
 
 
-def torch_nearest_indices(in_size: int, out_size: int) -> np.ndarray:
-    """Source indices of torch `F.interpolate(size=out_size, mode="nearest")` along one axis.
-
-    torch computes `scale = float32(in) / out` and `src = min(floor(float32(dst) * scale), in-1)`
-    in float32, with shortcuts for equal sizes and exact 2x upsampling (`dst >> 1`). Replicating
-    the float32 rounding keeps odd sizes bit-identical to torch. Sizes are static, so this is
-    NumPy at trace time. Returns int32 indices of shape (out_size,).
-    """
-    dst = np.arange(out_size)
-    if in_size == out_size:
-        return dst.astype(np.int32)
-    if out_size == 2 * in_size:
-        return (dst >> 1).astype(np.int32)
-    scale = np.float32(in_size) / np.float32(out_size)
-    src = np.floor(dst.astype(np.float32) * scale).astype(np.int64)
-    return np.minimum(src, in_size - 1).astype(np.int32)
-
-
 def resize_nearest_like_torch(x, out_hw):
     """Nearest-neighbour resize of x (N, H, W, C) to (N, out_h, out_w, C), as torch's
     `F.interpolate(x, size=out_hw, mode="nearest")` (a static gather, no arithmetic)."""
-    rows = torch_nearest_indices(x.shape[1], out_hw[0])
-    cols = torch_nearest_indices(x.shape[2], out_hw[1])
+    rows = nearest_indices(x.shape[1], out_hw[0])
+    cols = nearest_indices(x.shape[2], out_hw[1])
     return jnp.take(jnp.take(x, rows, axis=1), cols, axis=2)
 
 

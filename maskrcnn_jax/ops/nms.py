@@ -37,13 +37,10 @@ from jax import lax
 
 from maskrcnn_jax.ops.boxes import box_area
 
-# Candidates per tile and kept boxes per cross-suppression block. Measured jitted on the 2-core
-# CPU with clustered boxes, N=1000 and 5000, IoU 0.5/0.7 (min of 15 runs, ms):
-#   tile/block   32/256  64/256  64/512  128/512  64/1024  256/1024
-#   N=1000       0.94    0.92    0.92    1.72     4.48     5.81
-#   N=5000       10.9    8.6     9.3     10.0     9.3      12.6
-# Small tiles keep the sequential in-tile pass short; larger kept blocks mean fewer loop
-# iterations (XLA CPU while-loop steps cost microseconds) but more padding in the last block.
+# Candidates per tile and kept boxes per cross-suppression block (the timings behind these
+# values: BENCHMARKS.md, "NMS tile sizes"). Small tiles keep the sequential in-tile pass short;
+# larger kept blocks mean fewer loop iterations (XLA CPU while-loop steps cost microseconds) but
+# more padding in the last block.
 DEFAULT_TILE_SIZE = 64
 DEFAULT_BLOCK_SIZE = 256
 

@@ -1,4 +1,4 @@
-"""Helpers for comparing with torchvision (tests, benchmarks, `maskrcnn_jax.compare`)."""
+"""Helpers for comparing with torchvision (tests, benchmarks, `maskrcnn_jax.torchvision.compare`)."""
 
 
 def import_torchvision():

@@ -3,7 +3,7 @@
 A torchvision Mask R-CNN (ResNet-50 FPN, FrozenBatchNorm2d as with loaded weights, stem and layer1
 frozen as with `trainable_backbone_layers=3`, BN buffers and biases randomised, objectness /
 classifier / mask logits sharpened so that every loss depends strongly on its targets) and its
-`from_torchvision` conversion, with the same preprocessed images (`maskrcnn_jax.transform.
+`from_torchvision` conversion, with the same preprocessed images (`maskrcnn_jax.data.transform.
 preprocess`; torchvision gets the same float tensor cropped to the two images' common padded
 size, bypassing its transform which would resize again) and the same targets (boxes, labels,
 full-resolution masks, one object cut by the image border). Sampling is made deterministic in
@@ -93,8 +93,8 @@ def build():
     from torchvision.models.detection.image_list import ImageList
     from torchvision.ops.misc import FrozenBatchNorm2d
 
-    from maskrcnn_jax.convert import from_torchvision
-    from maskrcnn_jax.transform import preprocess
+    from maskrcnn_jax.data.transform import preprocess
+    from maskrcnn_jax.torchvision.convert import from_torchvision
 
     torch.manual_seed(0)
     body = torchvision.models.resnet50(weights=None, norm_layer=FrozenBatchNorm2d)

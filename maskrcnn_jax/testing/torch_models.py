@@ -69,7 +69,7 @@ _TORCHVISION_KWARGS = (
 
 def torchvision_maskrcnn(config):
     """torchvision's `MaskRCNN` with the architecture and settings of a maskrcnn_jax config, in
-    eval mode, with random weights: load `maskrcnn_jax.convert.to_torchvision(config, v)` into it.
+    eval mode, with random weights: load `maskrcnn_jax.torchvision.convert.to_torchvision(config, v)` into it.
 
     `maskrcnn_resnet50_fpn` fixes the FPN and head widths; this builds the same network from
     torchvision's parts for any config: a `resnet18/34/50/101` body with FrozenBatchNorm2d of eps
@@ -83,14 +83,17 @@ def torchvision_maskrcnn(config):
     `box_pre_nms_top_n` has no torchvision counterpart (torchvision keeps every candidate above
     the score threshold).
     """
-    from maskrcnn_jax.convert import check_torchvision_architecture
     from maskrcnn_jax.testing import import_torchvision
+    from maskrcnn_jax.torchvision.convert import check_torchvision_architecture
 
     torchvision = import_torchvision()
     from torchvision.models.detection import backbone_utils
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-    from torchvision.models.detection.mask_rcnn import (MaskRCNN, MaskRCNNHeads,
-                                                        MaskRCNNPredictor)
+    from torchvision.models.detection.mask_rcnn import (
+        MaskRCNN,
+        MaskRCNNHeads,
+        MaskRCNNPredictor,
+    )
     from torchvision.models.detection.rpn import RPNHead
     from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -130,7 +133,7 @@ def torchvision_maskrcnn(config):
 
 def torchvision_coco_metrics(model, source, max_images=None, ground_truth=None):
     """COCO bbox and segm metrics of a torchvision detector on a data source, computed as
-    torchvision's reference `coco_eval.py` does, independently of `maskrcnn_jax.evaluation.evaluate`
+    torchvision's reference `coco_eval.py` does, independently of `maskrcnn_jax.inference.evaluation.evaluate`
     (no maskrcnn_jax pipeline, resize or model): each record's decoded uint8 image is scaled to
     [0, 1] and run alone through `model` (eval mode), its outputs go through
     `evaluation.detections_to_coco` and pycocotools.
@@ -146,8 +149,8 @@ def torchvision_coco_metrics(model, source, max_images=None, ground_truth=None):
     """
     import numpy as np
 
-    from maskrcnn_jax import evaluation
     from maskrcnn_jax.data import builders
+    from maskrcnn_jax.inference import evaluation
 
     mapping = evaluation.label_to_category_map(builders.categories(source))
     n = len(source) if max_images is None else min(int(max_images), len(source))

@@ -13,16 +13,16 @@ import jax
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from maskrcnn_jax.config import model_config
 from maskrcnn_jax.data import builders, coco, pipeline
+from maskrcnn_jax.data.transform import resized_size
 from maskrcnn_jax.ops import mask_targets
-from maskrcnn_jax.transform import resized_size
-from tests.data.test_builders import write_coco_folder
-from tests.ops.test_roi_align import numpy_roi_align
+from maskrcnn_jax.ops.interpolate import nearest_indices
+from maskrcnn_jax.testing.coco_folder import write_coco_folder
+from maskrcnn_jax.testing.references import numpy_roi_align
 
 CONFIG = model_config(num_classes=4, min_size=64, max_size=96)  # canvas 96 x 96
 S = 14  # small crops keep the float64 loop reference fast
@@ -36,14 +36,6 @@ def roi_align_loop(mask, box, size):
     return out[0, :, :, 0]
 
 
-@pytest.mark.parametrize("in_size,out_size", [(40, 64), (30, 96), (50, 80), (7, 14), (9, 9),
-                                              (123, 57), (640, 1066), (97, 200)])
-def test_nearest_indices_match_torch(in_size, out_size):
-    x = torch.arange(in_size, dtype=torch.float32)[None, None, None, :].repeat(1, 1, 2, 1)
-    theirs = F.interpolate(x, size=(2, out_size))[0, 0, 0].long().numpy()
-    np.testing.assert_array_equal(pipeline.nearest_indices(in_size, out_size), theirs)
-
-
 def test_crop_matches_kernel_loop():
     rng = np.random.default_rng(0)
     h0, w0, h, w = 23, 31, 40, 50
@@ -53,7 +45,7 @@ def test_crop_matches_kernel_loop():
     boxes = np.concatenate([xy, xy + wh], 1).astype(np.float32)
     boxes[0] = [0, 0, w, h]  # whole image: samples in the last row/column clamp
     boxes[1] = [10.3, 5.2, 10.5, 5.3]  # under a pixel: clamped to 1 px
-    rows, cols = pipeline.nearest_indices(h0, h), pipeline.nearest_indices(w0, w)
+    rows, cols = nearest_indices(h0, h), nearest_indices(w0, w)
     for flip in (False, True):
         col_map = w0 - 1 - cols if flip else cols
         ours = pipeline.crop_resized_masks(masks, rows, col_map, boxes, 28)

@@ -11,7 +11,7 @@ import torch
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 
-from maskrcnn_jax.model import FPN_LEVELS
+from maskrcnn_jax.models.maskrcnn import FPN_LEVELS
 from maskrcnn_jax.ops.anchors import (
     DEFAULT_ASPECT_RATIOS,
     DEFAULT_SIZES,
@@ -72,6 +72,7 @@ def test_anchors_for_image_equal_torchvision(image_size):
     np.testing.assert_array_equal(anchors, expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("image_size", [(800, 1333), (333, 517)])
 def test_levels_split_as_torchvision(image_size):
     pad = padded(image_size)

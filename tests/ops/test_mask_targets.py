@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 import torch
 from torchvision.models.detection.roi_heads import project_masks_on_boxes as tv_project
 
@@ -103,6 +102,7 @@ def test_cropped_mask_targets_close_to_full_resolution(image_size):
     assert full.mean() > 0.2  # real targets, not all-empty
 
 
+@pytest.mark.slow
 def test_mask_targets_vmap_over_images():
     rng = np.random.default_rng(5)
     images = [_realistic_image(rng, 96, 128, num_gt=3, num_rois=10) for _ in range(2)]

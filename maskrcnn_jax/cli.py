@@ -1,0 +1,31 @@
+"""Flag parsing shared by the command-line tools (`predict.py`, `eval.py`, `convert.py`).
+
+Each tool defines its absl flags on its own `flags.FlagValues`, so that tools can be imported
+and run side by side (tests, notebooks) without their flag names colliding in absl's global
+registry; `train.py` keeps the global one for `ml_collections.config_flags`.
+"""
+
+import sys
+import textwrap
+from typing import Optional, Sequence
+
+from absl import flags
+
+
+def parse(flag_values: flags.FlagValues, argv: Optional[Sequence[str]], doc: str,
+          program: str) -> list[str]:
+    """Parse `argv` (without the program name; None: `sys.argv[1:]`) into `flag_values`.
+
+    Returns the positional arguments. `--help` prints `doc` and every flag's help, then exits
+    0; an unknown flag or a bad value exits 2 with the message and a pointer to `--help`.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("--help", "-h", "--helpshort", "--helpfull") for a in argv):
+        print(textwrap.dedent(doc).strip() + "\n\nflags:\n" + flag_values.get_help(), flush=True)
+        raise SystemExit(0)
+    flag_values.unparse_flags()
+    try:
+        return flag_values([program, *argv])[1:]
+    except flags.Error as e:
+        print(f"{program}: {e}\nsee {program} --help", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None

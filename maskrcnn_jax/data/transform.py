@@ -1,0 +1,196 @@
+"""Host-side pre- and post-processing, as torchvision's `GeneralizedRCNNTransform` computes it.
+
+Images of any size are resized on the host (NumPy, float32, torch's bilinear arithmetic) and
+padded into the model's fixed canvas, so one compiled function serves them all. Outputs are mapped
+back to original-image pixels here too: box rescaling and mask pasting, whose sizes depend on
+the original image and therefore stay out of the compiled function.
+"""
+
+import math
+from typing import NamedTuple, Sequence
+
+import numpy as np
+
+
+class Batch(NamedTuple):
+    """A batch of images in the canvas.
+
+    images: `(B, Hc, Wc, 3)` float32 normalized images, zero outside each resized image.
+    image_sizes: `(B, 2)` int32 `(height, width)` of each resized image.
+    padded_sizes: `(B, 2)` int32 each resized size rounded up to `size_divisible`: the region
+      torchvision would run its backbone on for that image alone (used to reproduce its border
+      effects exactly).
+    original_sizes: `(B, 2)` int32 `(height, width)` of each input image.
+    """
+
+    images: np.ndarray
+    image_sizes: np.ndarray
+    padded_sizes: np.ndarray
+    original_sizes: np.ndarray
+
+
+def resized_size(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:
+    """The size torchvision's transform resizes an image to (short side to `min_size` unless the
+    long side would pass `max_size`), truncating `size * scale` in double as torch does."""
+    scale = min(min_size / min(height, width), max_size / max(height, width))
+    return int(height * scale), int(width * scale)
+
+
+# Host-side twins of `ops/resize.py` (which documents torch's kernels): the same float32
+# arithmetic in NumPy, so that images and masks of any size need no compilation. torch's build
+# evaluates some steps as fused multiply-adds; `_fma` reproduces one exactly by computing in
+# float64 (a float32 product is exact there) and rounding once to float32.
+_CHANNELS_LAST_MAX_OUTPUT_SUM = 128
+
+
+def _fma(a, b, c):
+    return (np.asarray(a, np.float64) * np.asarray(b, np.float64) + c).astype(np.float32)
+
+
+def _source_index(in_size: int, out_size: int):
+    """torch's bilinear source indices `(i0, i1)` and float32 weights `(l0, l1)` along one axis."""
+    scale = np.float32(in_size) / np.float32(out_size)
+    src = _fma(scale, np.arange(out_size, dtype=np.float32) + np.float32(0.5), np.float32(-0.5))
+    src = np.maximum(src, np.float32(0.0))
+    i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+    l1 = np.clip(src - i0.astype(np.float32), np.float32(0.0), np.float32(1.0))
+    i1 = i0 + (i0 < in_size - 1)
+    return i0, i1, np.float32(1.0) - l1, l1
+
+
+def bilinear_resize(array: np.ndarray, out_height: int, out_width: int) -> np.ndarray:
+    """torch's CPU `F.interpolate(mode='bilinear', align_corners=False)` of a `(H, W)` or
+    `(H, W, C)` float32 array (multi-threaded torch's kernel choice, see `ops/resize.py`)."""
+    array = np.asarray(array, np.float32)
+    h0, h1, hl0, hl1 = _source_index(array.shape[0], out_height)
+    w0, w1, wl0, wl1 = _source_index(array.shape[1], out_width)
+    trailing = (None,) * (array.ndim - 2)
+    hl0, hl1 = (v[(slice(None), None) + trailing] for v in (hl0, hl1))
+    wl0, wl1 = (v[(None, slice(None)) + trailing] for v in (wl0, wl1))
+    row0, row1 = array[h0], array[h1]
+    a, b, c, d = row0[:, w0], row0[:, w1], row1[:, w0], row1[:, w1]
+    if out_height + out_width <= _CHANNELS_LAST_MAX_OUTPUT_SUM:
+        w00, w01, w10, w11 = hl0 * wl0, hl0 * wl1, hl1 * wl0, hl1 * wl1
+        return _fma(d, w11, _fma(c, w10, _fma(a, w00, b * w01)))
+    top = _fma(a, wl0, b * wl1)
+    bottom = _fma(c, wl0, d * wl1)
+    return _fma(top, hl0, bottom * hl1)
+
+
+def preprocess(images: Sequence[np.ndarray], config, first_index: int = 0,
+               min_size: int | None = None) -> Batch:
+    """uint8 `(H, W, 3)` RGB images (any sizes) -> a `Batch` in the config's canvas.
+
+    As torchvision: scale to [0, 1], normalize with `image_mean`/`image_std`, resize, pad with 0.
+    `min_size` overrides `config.min_size` (training's multi-scale resizing).
+
+    Raises:
+      ValueError: naming the image's index (`first_index` + its position in `images`: its index
+        in the caller's list), for a wrong shape/dtype, a side that resizes to 0 pixels (e.g.
+        1x1000 at min_size 800 / max_size 1333) or a resized image that does not fit
+        `config.canvas_size`.
+    """
+    canvas_h, canvas_w = config.canvas_size
+    min_size = int(config.min_size if min_size is None else min_size)
+    mean = np.asarray(config.image_mean, np.float32)
+    std = np.asarray(config.image_std, np.float32)
+    batch = np.zeros((len(images), canvas_h, canvas_w, 3), np.float32)
+    image_sizes, padded_sizes, original_sizes = [], [], []
+    for i, image in enumerate(images, start=first_index):
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[-1] != 3 or image.shape[0] < 1 or image.shape[1] < 1:
+            raise ValueError(f"image {i}: expected an (H, W, 3) RGB array, got shape {image.shape}")
+        if image.dtype != np.uint8:
+            raise ValueError(f"image {i}: expected dtype uint8, got {image.dtype}")
+        h, w = image.shape[:2]
+        out_h, out_w = resized_size(h, w, min_size, config.max_size)
+        if out_h < 1 or out_w < 1:
+            raise ValueError(
+                f"image {i}: size {h}x{w} resizes to {out_h}x{out_w} (min_size "
+                f"{min_size}, max_size {config.max_size}): a side of 0 pixels; crop or "
+                "pad the image to a less extreme aspect ratio")
+        pad_h = int(math.ceil(out_h / config.size_divisible) * config.size_divisible)
+        pad_w = int(math.ceil(out_w / config.size_divisible) * config.size_divisible)
+        if pad_h > canvas_h or pad_w > canvas_w:
+            raise ValueError(
+                f"image {i}: size {h}x{w} resizes to {out_h}x{out_w} (padded {pad_h}x{pad_w}), "
+                f"which does not fit the canvas {canvas_h}x{canvas_w}; raise config.canvas_size")
+        normalized = (image.astype(np.float32) / np.float32(255.0) - mean) / std
+        batch[i - first_index, :out_h, :out_w] = bilinear_resize(normalized, out_h, out_w)
+        image_sizes.append((out_h, out_w))
+        padded_sizes.append((pad_h, pad_w))
+        original_sizes.append((h, w))
+    as_array = lambda sizes: np.asarray(sizes, np.int32).reshape(len(images), 2)  # noqa: E731
+    return Batch(batch, as_array(image_sizes), as_array(padded_sizes), as_array(original_sizes))
+
+
+def resize_boxes(boxes: np.ndarray, image_size, original_size) -> np.ndarray:
+    """Boxes `(N, 4)` from resized-image to original-image pixels (torchvision `resize_boxes`)."""
+    ratio_h = np.float32(original_size[0]) / np.float32(image_size[0])
+    ratio_w = np.float32(original_size[1]) / np.float32(image_size[1])
+    boxes = np.asarray(boxes, np.float32)
+    return np.stack([boxes[:, 0] * ratio_w, boxes[:, 1] * ratio_h,
+                     boxes[:, 2] * ratio_w, boxes[:, 3] * ratio_h], axis=1)
+
+
+def paste_masks(masks: np.ndarray, boxes: np.ndarray, image_size, padding: int = 1) -> np.ndarray:
+    """Paste `(N, M, M)` mask probabilities into a `(N, H, W)` image, as torchvision's
+    `paste_masks_in_image` (one-pixel zero padding, expanded boxes truncated to int64, each
+    mask resized to its box with bilinear interpolation, clipped placement)."""
+    im_h, im_w = int(image_size[0]), int(image_size[1])
+    out = np.zeros((len(masks), im_h, im_w), np.float32)
+    if len(masks) == 0:
+        return out
+    m = masks.shape[-1]
+    scale = np.float32((m + 2 * padding) / m)  # torch: a Python float applied as float32
+    padded = np.pad(np.asarray(masks, np.float32), ((0, 0), (padding, padding), (padding, padding)))
+    boxes = np.asarray(boxes, np.float32)
+    w_half = (boxes[:, 2] - boxes[:, 0]) * np.float32(0.5) * scale
+    h_half = (boxes[:, 3] - boxes[:, 1]) * np.float32(0.5) * scale
+    x_c = (boxes[:, 2] + boxes[:, 0]) * np.float32(0.5)
+    y_c = (boxes[:, 3] + boxes[:, 1]) * np.float32(0.5)
+    expanded = np.stack([x_c - w_half, y_c - h_half, x_c + w_half, y_c + h_half], 1)
+    expanded = np.trunc(expanded).astype(np.int64)  # torch .to(int64) truncates toward zero
+    for i, (x0, y0, x1, y1) in enumerate(expanded):
+        w, h = max(int(x1 - x0 + 1), 1), max(int(y1 - y0 + 1), 1)
+        resized = bilinear_resize(padded[i], h, w)
+        xa, xb = max(x0, 0), min(x1 + 1, im_w)
+        ya, yb = max(y0, 0), min(y1 + 1, im_h)
+        if xb > xa and yb > ya:
+            out[i, ya:yb, xa:xb] = resized[ya - y0:yb - y0, xa - x0:xb - x0]
+    return out
+
+
+def detect_in_batches(images: Sequence[np.ndarray], config, batch_size: int, forward) -> list[dict]:
+    """Host side of batched inference, shared by `Predictor` and the exported model's loader.
+
+    Images are preprocessed in chunks of `batch_size` (a short last chunk is padded with blank
+    images, so the compiled shape never changes), run through `forward(images, image_sizes,
+    padded_sizes)` (the network: padded detections as host or device arrays), and mapped back
+    to original-image pixels.
+
+    Returns:
+      One dict per image, as torchvision's Mask R-CNN in eval mode: `boxes (N, 4)` float32
+      `(x1, y1, x2, y2)` in original-image pixels, `scores (N,)` float32 (decreasing),
+      `labels (N,)` int64, `masks (N, 1, H, W)` float32 probabilities.
+    """
+    if isinstance(images, np.ndarray) and images.ndim == 3:
+        raise ValueError("expected a sequence of images; wrap a single image in a list")
+    results = []
+    for start in range(0, len(images), batch_size):
+        chunk = list(images[start:start + batch_size])
+        blanks = [np.zeros((32, 32, 3), np.uint8)] * (batch_size - len(chunk))
+        batch = preprocess(chunk + blanks, config, first_index=start)
+        out = {k: np.asarray(v) for k, v in
+               forward(batch.images, batch.image_sizes, batch.padded_sizes).items()}
+        for i in range(len(chunk)):
+            n = int(out["valid"][i].sum())  # detections are packed first, padding after
+            original = tuple(int(v) for v in batch.original_sizes[i])
+            boxes = resize_boxes(out["boxes"][i, :n], batch.image_sizes[i], original)
+            results.append({
+                "boxes": boxes,
+                "scores": np.asarray(out["scores"][i, :n], np.float32),
+                "labels": np.asarray(out["labels"][i, :n], np.int64),
+                "masks": paste_masks(out["mask_probs"][i, :n], boxes, original)[:, None],
+            })
+    return results

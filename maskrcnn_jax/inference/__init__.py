@@ -1,0 +1,1 @@
+"""Inference on images: `Predictor`, exported StableHLO models, COCO evaluation."""

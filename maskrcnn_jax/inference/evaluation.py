@@ -1,0 +1,249 @@
+"""COCO evaluation of a Mask R-CNN on a data source (bbox and segm AP with pycocotools).
+
+    metrics = evaluate(config, variables, builders.load('shapes', data_dir, 'validation'),
+                       workdir='/tmp/eval')
+    metrics['bbox/AP'], metrics['segm/AP50']
+
+Inference runs batched through one jit-compiled function over the input pipeline's eval batches;
+detections are mapped back to original-image pixels on the host exactly as `Predictor` does
+(`transform.resize_boxes`, `transform.paste_masks`) and converted to COCO results as
+torchvision's reference `coco_eval.py` does (masks thresholded at 0.5 and RLE-encoded, boxes
+as xywh, contiguous labels mapped back to the data set's category ids).
+"""
+
+import copy
+import functools
+import json
+import logging
+import os
+from typing import Mapping, Optional, Sequence
+
+import jax
+import numpy as np
+
+from maskrcnn_jax.data.transform import paste_masks, resize_boxes
+from maskrcnn_jax.models.maskrcnn import MaskRCNN, frozen
+
+log = logging.getLogger(__name__)
+
+# COCOeval.stats order (`COCOeval.summarize`): AP over IoU .5:.95, at .5, at .75, by area
+# (small/medium/large), then AR at 1/10/100 detections and by area.
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
+              "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+IOU_TYPES = ("bbox", "segm")
+
+# Detections pasted at once: full-image float32 masks are large (100 x 480 x 640 x 4 B = 123 MB).
+_PASTE_CHUNK = 16
+
+
+def label_to_category_map(categories: Sequence[Mapping]) -> dict[int, int]:
+    """`{contiguous label: category id}` from `builders.categories(source)` entries."""
+    return {int(c["label"]): int(c["id"]) for c in categories}
+
+
+def detections_to_coco(image_id: int, boxes, scores, labels, masks,
+                       label_to_category: Mapping[int, int],
+                       mask_threshold: float = 0.5) -> list[dict]:
+    """One image's detections -> COCO result dicts (as torchvision's reference `coco_eval.py`).
+
+    Args:
+      image_id: the image's COCO id.
+      boxes: `(N, 4)` float `(x1, y1, x2, y2)` in original-image pixels (no padding entries).
+      scores: `(N,)` float.
+      labels: `(N,)` int contiguous labels 1..K.
+      masks: `(N, H, W)` or `(N, 1, H, W)` float mask probabilities pasted in the original
+        image, or None for box results only.
+      label_to_category: contiguous label -> data set category id (`label_to_category_map`).
+      mask_threshold: a pixel is in the mask when its probability is > this.
+
+    Returns:
+      `N` dicts `{'image_id', 'category_id', 'bbox': [x, y, w, h], 'score'}` plus
+      `'segmentation': {'size': [H, W], 'counts': str}` (COCO RLE) when masks are given.
+
+    Raises:
+      KeyError: for a label that has no category.
+    """
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    scores = np.asarray(scores, np.float32).reshape(-1)
+    labels = np.asarray(labels).reshape(-1)
+    # xyxy -> xywh in float32 (torchvision subtracts the float32 tensors), then Python floats.
+    xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1).tolist()
+    results = []
+    for i in range(len(boxes)):
+        label = int(labels[i])
+        if label not in label_to_category:
+            raise KeyError(f"label {label} has no category; known labels {sorted(label_to_category)}")
+        results.append({"image_id": int(image_id), "category_id": label_to_category[label],
+                        "bbox": xywh[i], "score": float(scores[i])})
+    if masks is not None and len(results):
+        masks = np.asarray(masks)
+        masks = masks.reshape(len(results), *masks.shape[-2:])
+        for result, rle in zip(results, encode_masks(masks > mask_threshold)):
+            result["segmentation"] = rle
+    return results
+
+
+def encode_masks(binary_masks: np.ndarray) -> list[dict]:
+    """`(N, H, W)` bool masks -> COCO RLEs `{'size': [H, W], 'counts': str}` (JSON-ready)."""
+    from pycocotools import mask as mask_utils
+
+    if len(binary_masks) == 0:
+        return []
+    # pycocotools encodes (H, W, N) column-major uint8.
+    rles = mask_utils.encode(np.asfortranarray(np.transpose(binary_masks, (1, 2, 0)).astype(np.uint8)))
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("utf-8")
+    return rles
+
+
+def coco_evaluate(ground_truth, results: Sequence[dict], iou_type: str,
+                  image_ids: Optional[Sequence[int]] = None, verbose: bool = True) -> dict:
+    """pycocotools `COCOeval` of COCO result dicts; `{'AP': ..., 'AP50': ..., ...}` (12 stats).
+
+    Args:
+      ground_truth: a pycocotools `COCO` (e.g. `builders.coco_ground_truth(source)`).
+      results: result dicts (`detections_to_coco`); for 'bbox' their boxes are used, for 'segm'
+        their masks (the area ranges then use the mask areas, as torchvision's reference and
+        detectron2, not the box areas `loadRes` would take when both are present).
+      iou_type: 'bbox' or 'segm'.
+      image_ids: evaluate these images only (default: every ground-truth image).
+      verbose: print pycocotools' progress and the 12-line summary.
+
+    An empty `results` gives AP and AR 0 (an image set with no ground truth gives -1).
+    """
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    drop = "segmentation" if iou_type == "bbox" else "bbox"
+    results = [{k: v for k, v in r.items() if k != drop} for r in results]  # loadRes mutates
+    quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
+    with quiet:
+        if results:
+            detections = ground_truth.loadRes(results)
+        else:  # loadRes reads results[0]: build the empty result set directly
+            detections = COCO()
+            detections.dataset = {"images": copy.deepcopy(ground_truth.dataset["images"]),
+                                  "categories": copy.deepcopy(ground_truth.dataset["categories"]),
+                                  "annotations": []}
+            detections.createIndex()
+        evaluator = COCOeval(ground_truth, detections, iou_type)
+        if image_ids is not None:
+            evaluator.params.imgIds = sorted(int(i) for i in image_ids)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        if verbose:
+            print(f"IoU metric: {iou_type}")
+        evaluator.summarize()
+    return {name: float(value) for name, value in zip(STAT_NAMES, evaluator.stats)}
+
+
+@functools.lru_cache(maxsize=4)
+def inference_fn(config):
+    """The jit-compiled `MaskRCNN(config).apply`, shared by every evaluation of an equal config
+    (a FrozenConfigDict), so repeated evaluations (e.g. during training) compile once."""
+    return jax.jit(MaskRCNN(config).apply)
+
+
+class _FirstImages:
+    """The first `n` records of a random-access data source (for `max_images`)."""
+
+    def __init__(self, source, n: int):
+        self.source, self.n = source, min(int(n), len(source))
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, index):
+        if not 0 <= index < self.n:
+            raise IndexError(index)
+        return self.source[index]
+
+
+def evaluate(model_config, variables, source, *, batch_size: int = 8,
+             workdir: Optional[str] = None, max_images: Optional[int] = None,
+             progress: bool = True) -> dict:
+    """COCO bbox and segm metrics of a model on a data source.
+
+    Args:
+      model_config: the model config (`maskrcnn_jax.config.model_config`); its `min_size` (the
+        last one when a tuple) and `max_size` set the eval resize, as torchvision.
+      variables: `{'params': ..., 'batch_stats': ...}` of `MaskRCNN(model_config)`.
+      source: a data source of one split (`builders.load(...)`); its categories and ground
+        truth (`builders.categories`, `builders.coco_ground_truth`) are used.
+      batch_size: images per compiled call (the last batch is padded).
+      workdir: if given, `detections.json` (COCO results) and `metrics.json` are written there.
+      max_images: evaluate the first `max_images` images only.
+      progress: show a tqdm progress bar and print pycocotools' summaries.
+
+    Returns:
+      `{'bbox/AP': ..., 'bbox/AP50': ..., ..., 'segm/ARl': ...}`: the 12 `COCOeval` stats of
+      each IoU type as floats in 0..1 (-1 where pycocotools has nothing to average).
+    """
+    import grain
+    from tqdm import tqdm
+
+    from maskrcnn_jax.data import builders, pipeline
+
+    config = frozen(model_config)
+    forward = inference_fn(config)
+    variables = jax.device_put(variables)
+    label_to_category = label_to_category_map(builders.categories(source))
+    ground_truth = builders.coco_ground_truth(source)
+    data = source if max_images is None else _FirstImages(source, max_images)
+    # Ground-truth slots are not used here: keep their mask crops tiny. NoSharding: every
+    # process evaluates the whole split on its local devices.
+    loader = pipeline.make_dataset(data, config, batch_size=batch_size, train=False,
+                                   max_instances=128, mask_crop_size=4,
+                                   shard_options=grain.sharding.NoSharding())
+    results, image_ids = [], []
+    pending = None
+    bar = tqdm(total=len(data), desc="evaluate", unit="img", disable=not progress)
+    # Dispatch a batch before finishing the previous one: host post-processing overlaps the
+    # device computation (jax dispatch is asynchronous).
+    for batch in loader:
+        out = forward(variables, batch["images"], batch["image_sizes"], batch["padded_sizes"])
+        if pending is not None:
+            results += _finish_batch(*pending, label_to_category, image_ids, bar)
+        pending = (out, batch)
+    if pending is not None:
+        results += _finish_batch(*pending, label_to_category, image_ids, bar)
+    bar.close()
+
+    metrics = {}
+    for iou_type in IOU_TYPES:
+        stats = coco_evaluate(ground_truth, results, iou_type, image_ids=image_ids,
+                              verbose=progress)
+        metrics.update({f"{iou_type}/{name}": value for name, value in stats.items()})
+    log.info("evaluated %d images, %d detections: bbox AP %.4f, segm AP %.4f", len(image_ids),
+             len(results), metrics["bbox/AP"], metrics["segm/AP"])
+    if workdir is not None:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "detections.json"), "w") as f:
+            json.dump(results, f)
+        with open(os.path.join(workdir, "metrics.json"), "w") as f:
+            json.dump({**metrics, "num_images": len(image_ids), "num_detections": len(results)},
+                      f, indent=2, sort_keys=True)
+    return metrics
+
+
+def _finish_batch(out, batch, label_to_category, image_ids, bar) -> list[dict]:
+    """COCO results of the real images of a batch (as `Predictor._finish`, plus encoding)."""
+    out = jax.device_get(out)
+    results = []
+    for i in np.flatnonzero(batch["batch_valid"]):
+        n = int(out["valid"][i].sum())  # detections are packed first, padding after
+        image_id = int(batch["image_ids"][i])
+        original = tuple(int(v) for v in batch["original_sizes"][i])
+        boxes = resize_boxes(out["boxes"][i, :n], batch["image_sizes"][i], original)
+        for start in range(0, max(n, 1), _PASTE_CHUNK):
+            end = min(start + _PASTE_CHUNK, n)
+            masks = paste_masks(out["mask_probs"][i, start:end], boxes[start:end], original)
+            results += detections_to_coco(image_id, boxes[start:end], out["scores"][i, start:end],
+                                          out["labels"][i, start:end], masks, label_to_category)
+        image_ids.append(image_id)
+        bar.update(1)
+    return results
+

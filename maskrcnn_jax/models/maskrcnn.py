@@ -1,0 +1,329 @@
+"""The Mask R-CNN network, wired once as torchvision's GeneralizedRCNN:
+backbone -> FPN -> RPN -> box head -> detections -> mask head.
+
+`MaskRCNN(config)` holds the weighted modules (names match `convert_weights`); `__call__` runs
+on a batch already resized and padded into the config's canvas (`transform.preprocess`). In
+inference (default) it returns fixed-size, padded detections in resized-image pixels; with
+`train=True`, targets and a key it samples anchors and RoIs as torchvision's training forward and
+returns the raw head outputs with their targets (`losses.maskrcnn_losses` turns them into losses).
+Anchors (`ops.anchors`), FPN levels, pooler sizes and RoI scales below are shared by both modes.
+Batch elements never interact: each image behaves as torchvision run on that image alone.
+"""
+
+import functools
+import math
+from typing import Any, Dict, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from maskrcnn_jax import models
+from maskrcnn_jax.layers import targets as tg
+from maskrcnn_jax.layers.detections import postprocess_detections
+from maskrcnn_jax.layers.proposals import generate_proposals
+from maskrcnn_jax.ops.anchors import multilevel_anchors_for_image
+from maskrcnn_jax.ops.roi_align import multilevel_roi_align
+
+BACKBONES = {
+    "resnet18": models.ResNet18,
+    "resnet34": models.ResNet34,
+    "resnet50": models.ResNet50,
+    "resnet101": models.ResNet101,
+    "tiny": models.TinyResNet,
+}
+
+# FPN levels P2..P6 have strides 2**2 .. 2**6 (anchors on all five); RoIs pool from P2..P5
+# (torchvision's MultiScaleRoIAlign on '0'..'3', sampling ratio 2, level mapping k0=4 over 2..5).
+FPN_LEVELS = (2, 3, 4, 5, 6)
+ROI_LEVELS = FPN_LEVELS[:4]
+ROI_SCALES = tuple(1 / 2**k for k in ROI_LEVELS)
+ROI_SAMPLING_RATIO = 2
+BOX_POOL_SIZE = (7, 7)
+DEFAULT_MASK_SIZE = 28  # configs saved before `mask_size` existed ran with torchvision's 28
+
+
+def mask_pool_size(config) -> Tuple[int, int]:
+    """Mask-head RoIAlign output: half the mask size (the predictor upsamples 2x)."""
+    half = int(config.get("mask_size", DEFAULT_MASK_SIZE)) // 2
+    return (half, half)
+
+
+def is_cropped(masks, canvas_size, mask_format: Optional[str]) -> bool:
+    """Whether gt masks are crops on their boxes (True) or canvas-sized full-resolution masks.
+
+    `mask_format` 'crops' / 'full', or None: decided by shape (masks the canvas size are full).
+    """
+    if mask_format is None:
+        return tuple(masks.shape[2:]) != tuple(canvas_size)
+    if mask_format not in ("crops", "full"):
+        raise ValueError(f"mask_format must be 'crops', 'full' or None, got {mask_format!r}")
+    return mask_format == "crops"
+
+
+class MaskRCNN(nn.Module):
+    """Mask R-CNN with an FPN backbone (torchvision `maskrcnn_resnet50_fpn` and variants).
+
+    Attributes:
+      config: `maskrcnn_jax.config.model_config(...)` (a FrozenConfigDict is made of it).
+    """
+
+    config: Any
+
+    def setup(self):
+        cfg = self.config
+        dtype = None if cfg.compute_dtype == "float32" else jnp.dtype(cfg.compute_dtype)
+        if cfg.backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {cfg.backbone!r}; choose from {sorted(BACKBONES)}")
+        # Configs saved before `frozen_bn_eps` existed ran with torchvision's default 1e-5.
+        self.backbone = BACKBONES[cfg.backbone](
+            dtype=dtype, norm=cfg.get("backbone_norm", "frozen_bn"),
+            frozen_bn_eps=float(cfg.get("frozen_bn_eps", 1e-5)))
+        self.fpn = models.FeaturePyramidNetwork(cfg.fpn_channels, dtype=dtype)
+        self.rpn_head = models.RPNHead(num_anchors=3, dtype=dtype)
+        self.box_head = models.TwoMLPHead(cfg.box_representation_size, dtype=dtype)
+        self.box_predictor = models.FastRCNNPredictor(cfg.num_classes, dtype=dtype)
+        self.mask_head = models.MaskRCNNHeads(tuple(cfg.mask_head_layers), dtype=dtype)
+        self.mask_predictor = models.MaskRCNNPredictor(
+            cfg.num_classes, cfg.mask_dim_reduced, dtype=dtype)
+
+    def features(self, images, padded_sizes):
+        """FPN levels P2..P6 `(B, h_l, w_l, 256)` of canvas images `(B, H, W, 3)`."""
+        height, width = images.shape[1:3]
+        pixel_valid = (
+            (jnp.arange(height)[None, :, None] < padded_sizes[:, 0, None, None])
+            & (jnp.arange(width)[None, None, :] < padded_sizes[:, 1, None, None])
+        )
+        return self.fpn(self.backbone(images, pixel_valid), pixel_valid)
+
+    def proposals(self, fpn_features, anchors, anchor_valid, image_sizes, train: bool = False):
+        """RPN head outputs and padded proposals per image (see `generate_proposals`).
+
+        `anchors` / `anchor_valid`: per level `(B, N_l, 4)` / `(B, N_l)` (`anchors_for_image`).
+        """
+        cfg = self.config
+        objectness, deltas = self.rpn_head(fpn_features)
+
+        def one_image(obj, dlt, anc, anc_valid, image_size):
+            return generate_proposals(
+                obj, dlt, anc, anc_valid, image_size,
+                pre_nms_top_n=cfg.rpn_pre_nms_top_n_train if train else cfg.rpn_pre_nms_top_n_test,
+                post_nms_top_n=cfg.rpn_post_nms_top_n_train if train else cfg.rpn_post_nms_top_n_test,
+                nms_thresh=cfg.rpn_nms_thresh, score_thresh=cfg.rpn_score_thresh,
+                min_size=cfg.rpn_min_size,
+            )
+
+        boxes, scores, valid = jax.vmap(one_image)(
+            objectness, deltas, anchors, anchor_valid, image_sizes)
+        return {"objectness": objectness, "rpn_deltas": deltas,
+                "proposals": boxes, "proposal_scores": scores, "proposal_valid": valid}
+
+    def pool(self, fpn_features, boxes, padded_sizes, output_size):
+        """RoIAlign `(B, R, 4)` boxes from P2..P5: `(B, R, oh, ow, 256)` (torchvision's
+        `MultiScaleRoIAlign`, sampling ratio 2, each image's own feature extent)."""
+        levels = fpn_features[: len(ROI_LEVELS)]
+
+        def one_image(feats, image_boxes, padded_size):
+            valid_sizes = jnp.stack([-(-padded_size // 2**k) for k in ROI_LEVELS])
+            return multilevel_roi_align(feats, image_boxes, output_size, ROI_SCALES,
+                                        sampling_ratio=ROI_SAMPLING_RATIO, valid_sizes=valid_sizes)
+
+        return jax.vmap(one_image)(levels, boxes, padded_sizes)
+
+    def box_outputs(self, roi_features):
+        """Box head + predictor on `(B, R, 7, 7, C)`: class logits `(B, R, K)`, deltas `(B, R, 4K)`."""
+        b, r = roi_features.shape[:2]
+        logits, deltas = self.box_predictor(self.box_head(roi_features.reshape(b * r, *roi_features.shape[2:])))
+        return logits.reshape(b, r, -1), deltas.reshape(b, r, -1)
+
+    def mask_logits(self, roi_features):
+        """Mask head + predictor on `(B, D, 14, 14, C)`: logits `(B, D, 28, 28, K)`."""
+        b, d = roi_features.shape[:2]
+        logits = self.mask_predictor(self.mask_head(roi_features.reshape(b * d, *roi_features.shape[2:])))
+        return logits.reshape(b, d, *logits.shape[1:])
+
+    def __call__(
+        self,
+        images,
+        image_sizes,
+        padded_sizes,
+        targets: Optional[Dict[str, jnp.ndarray]] = None,
+        key: Optional[jax.Array] = None,
+        *,
+        train: bool = False,
+        mask_rois_per_image: Optional[int] = None,
+        mask_format: Optional[str] = None,
+        max_mask_sampling_grid: Optional[int] = None,
+        return_intermediates: bool = False,
+    ):
+        """The network on canvas images: inference (default) or training outputs (`train=True`).
+
+        Args:
+          images: `(B, H, W, 3)` float32 normalized images in the canvas, zero-padded.
+          image_sizes: `(B, 2)` int32 resized `(height, width)` of each image.
+          padded_sizes: `(B, 2)` int32 `image_sizes` rounded up to 32.
+          targets: training only: dict with `boxes (B, G, 4)` float32 xyxy resized pixels,
+            `labels (B, G)` int32 `1..K-1`, `valid (B, G)` bool, `masks` `(B, G, S, S)` crops on
+            the gt boxes or `(B, G, H, W)` canvas-sized full-resolution masks (0/1, any dtype).
+          key: training only: PRNG key, the only randomness (anchor and RoI sampling).
+          train: static; True gives the training outputs (RPN in train top-n, sampled RoIs).
+          mask_rois_per_image: static, training: mask-head RoIs D per image; default
+            `int(box_batch_size_per_image * box_positive_fraction)`, every sampled positive.
+          mask_format: static, training: 'crops', 'full' or None (by shape, see `is_cropped`).
+          max_mask_sampling_grid: static, training: RoIAlign grid bound for full-resolution
+            masks (see `targets.mask_targets`).
+          return_intermediates: inference: also return every stage's output (for
+            `maskrcnn_jax.torchvision.compare`).
+
+        Returns:
+          Inference: dict with `boxes (B, D, 4)` float32 `(x1, y1, x2, y2)` in resized-image
+          pixels, `scores (B, D)`, `labels (B, D)` int32 (1-based), `valid (B, D)` bool and
+          `mask_probs (B, D, 28, 28)` float32 for the predicted class; D =
+          detections_per_img, padded entries zero.
+          Training: dict (the input of `losses.maskrcnn_losses`) with
+            `objectness (B, N)`, `rpn_deltas (B, N, 4)` over all anchors (levels concatenated),
+            `rpn_targets` (`targets.rpn_targets` stacked over the batch), `proposals (B, P, 4)`,
+            `proposal_valid (B, P)`, `class_logits (B, S, K)`, `box_regression (B, S, 4K)` of the
+            sampled RoIs, `roi_targets` (`targets.roi_targets` stacked), `mask_rois`
+            (`targets.positive_rois` stacked: boxes, labels, matched_idxs, valid `(B, D)`),
+            `mask_logits (B, D, M, M, K)` and `mask_targets (B, D, M, M)` float32.
+        """
+        cfg = self.config
+        fpn_features = self.features(images, padded_sizes)
+        feature_sizes = [f.shape[1:3] for f in fpn_features]
+        anchors, anchor_valid = jax.vmap(
+            lambda p: multilevel_anchors_for_image(feature_sizes, FPN_LEVELS, p))(padded_sizes)
+        rpn = self.proposals(fpn_features, anchors, anchor_valid, image_sizes, train=train)
+        if train:
+            return self._training_outputs(
+                images, image_sizes, padded_sizes, targets, key, fpn_features, anchors,
+                anchor_valid, rpn, mask_rois_per_image, mask_format, max_mask_sampling_grid)
+
+        box_features = self.pool(fpn_features, rpn["proposals"], padded_sizes, BOX_POOL_SIZE)
+        class_logits, box_regression = self.box_outputs(box_features)
+        detections = jax.vmap(
+            lambda lg, rg, props, valid, size: postprocess_detections(
+                lg, rg, props, valid, size,
+                bbox_reg_weights=cfg.bbox_reg_weights, score_thresh=cfg.box_score_thresh,
+                nms_thresh=cfg.box_nms_thresh, detections_per_img=cfg.box_detections_per_img,
+                pre_nms_top_n=cfg.box_pre_nms_top_n,
+            )
+        )(class_logits, box_regression, rpn["proposals"], rpn["proposal_valid"], image_sizes)
+        mask_features = self.pool(
+            fpn_features, detections["boxes"], padded_sizes, mask_pool_size(cfg))
+        logits = self.mask_logits(mask_features)
+        labels = detections["labels"]
+        chosen = jnp.take_along_axis(logits, labels[:, :, None, None, None], axis=-1)[..., 0]
+        detections["mask_probs"] = jnp.where(
+            detections["valid"][:, :, None, None], jax.nn.sigmoid(chosen.astype(jnp.float32)), 0.0)
+        if return_intermediates:
+            detections["intermediates"] = {
+                "fpn": fpn_features, **rpn,
+                "class_logits": class_logits, "box_regression": box_regression,
+                "mask_logits": logits,
+            }
+        return detections
+
+    def _training_outputs(self, images, image_sizes, padded_sizes, targets, key, fpn_features,
+                          anchors, anchor_valid, rpn, mask_rois_per_image, mask_format,
+                          max_mask_sampling_grid):
+        """torchvision's training forward after the RPN head: targets, sampling, heads."""
+        cfg = self.config
+        if targets is None or key is None:
+            raise ValueError("MaskRCNN(train=True) needs targets and a PRNG key")
+        num_mask_rois = mask_rois_per_image
+        if num_mask_rois is None:
+            num_mask_rois = int(cfg.box_batch_size_per_image * cfg.box_positive_fraction)
+        cropped = is_cropped(targets["masks"], images.shape[1:3], mask_format)
+        num_images = images.shape[0]
+        rpn_keys = jax.random.split(jax.random.fold_in(key, 0), num_images)
+        roi_keys = jax.random.split(jax.random.fold_in(key, 1), num_images)
+        gt_boxes = targets["boxes"].astype(jnp.float32)
+        gt_labels = targets["labels"].astype(jnp.int32)
+        gt_valid = targets["valid"].astype(bool)
+
+        rpn_tg = jax.vmap(lambda anc, anc_valid, boxes, valid, k: tg.rpn_targets(
+            jnp.concatenate(anc), jnp.concatenate(anc_valid), boxes, valid, k,
+            batch_size_per_image=cfg.rpn_batch_size_per_image,
+            positive_fraction=cfg.rpn_positive_fraction,
+            fg_iou_thresh=cfg.rpn_fg_iou_thresh, bg_iou_thresh=cfg.rpn_bg_iou_thresh,
+        ))(anchors, anchor_valid, gt_boxes, gt_valid, rpn_keys)
+
+        # torchvision detaches the proposals: no gradient through the RoI coordinates.
+        proposals = jax.lax.stop_gradient(rpn["proposals"])
+        roi_tg = jax.vmap(lambda p, pv, b, lb, v, k: tg.roi_targets(
+            p, pv, b, lb, v, k,
+            batch_size_per_image=cfg.box_batch_size_per_image,
+            positive_fraction=cfg.box_positive_fraction,
+            fg_iou_thresh=cfg.box_fg_iou_thresh, bg_iou_thresh=cfg.box_bg_iou_thresh,
+            bbox_reg_weights=tuple(cfg.bbox_reg_weights),
+        ))(proposals, rpn["proposal_valid"], gt_boxes, gt_labels, gt_valid, roi_keys)
+        box_features = self.pool(fpn_features, roi_tg["boxes"], padded_sizes, BOX_POOL_SIZE)
+        class_logits, box_regression = self.box_outputs(box_features)
+
+        rois = jax.vmap(lambda t: tg.positive_rois(t, num_mask_rois))(roi_tg)
+        mask_features = self.pool(fpn_features, rois["boxes"], padded_sizes, mask_pool_size(cfg))
+        mask_logits = self.mask_logits(mask_features)
+        mask_targets = jax.vmap(lambda mk, b, r, s: tg.mask_targets(
+            mk, b, r, s, mask_logits.shape[2], cropped, max_mask_sampling_grid
+        ))(targets["masks"], gt_boxes, rois, image_sizes)
+        return {
+            "objectness": jnp.concatenate(rpn["objectness"], axis=1),
+            "rpn_deltas": jnp.concatenate(rpn["rpn_deltas"], axis=1),
+            "rpn_targets": rpn_tg,
+            "proposals": proposals, "proposal_valid": rpn["proposal_valid"],
+            "class_logits": class_logits, "box_regression": box_regression,
+            "roi_targets": roi_tg,
+            "mask_rois": rois, "mask_logits": mask_logits, "mask_targets": mask_targets,
+        }
+
+
+def frozen(config) -> ml_collections.FrozenConfigDict:
+    """A hashable copy of a model config (Flax module attributes must be hashable for jit)."""
+    return ml_collections.FrozenConfigDict(config)
+
+
+def canvas_feature_sizes(canvas_size):
+    """Static `(h, w)` of P2..P6 for a canvas (ceil halving, as the convolutions compute)."""
+    return [tuple(int(math.ceil(s / 2**k)) for s in canvas_size) for k in FPN_LEVELS]
+
+
+def variable_shapes(config) -> Dict[str, Tuple[int, ...]]:
+    """`{'params/backbone/conv1/kernel': shape, ...}` of `MaskRCNN(config)`'s variables (traced
+    on a small canvas: parameter shapes do not depend on it)."""
+    small = ml_collections.ConfigDict(dict(config))
+    small.canvas_size = (64, 64)
+    return dict(_variable_shapes(frozen(small)))
+
+
+@functools.lru_cache(maxsize=16)
+def _variable_shapes(small):
+    images = jnp.zeros((1, 64, 64, 3), jnp.float32)
+    sizes = jnp.full((1, 2), 64, jnp.int32)
+    shapes = jax.eval_shape(MaskRCNN(small).init, jax.random.key(0), images, sizes, sizes)
+    return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]}
+
+
+def check_variables(config, variables, where: str = "variables"):
+    """Raise a ValueError listing every parameter of `variables` that `MaskRCNN(config)` does not
+    have, lacks, or has with another shape (both shapes named); a class-count mismatch says so
+    (config `num_classes` vs the weights')."""
+    expected = variable_shapes(config)
+    given = {"/".join(str(getattr(k, "key", k)) for k in path): tuple(jnp.shape(leaf))
+             for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]}
+    problems = [f"{p}: missing (config expects {expected[p]})" for p in expected if p not in given]
+    problems += [f"{p}: not in the model (shape {given[p]})" for p in given if p not in expected]
+    problems += [f"{p}: shape {given[p]}, config expects {expected[p]}"
+                 for p in expected if p in given and given[p] != expected[p]]
+    if not problems:
+        return
+    hint = ""
+    cls = "params/box_predictor/cls_score/kernel"
+    if cls in given and cls in expected and given[cls] != expected[cls]:
+        hint = (f" (the config has num_classes={config.num_classes}, the weights "
+                f"{given[cls][-1]}: set num_classes to match)")
+    shown = "\n  ".join(problems[:10]) + (f"\n  ... {len(problems) - 10} more"
+                                          if len(problems) > 10 else "")
+    raise ValueError(f"{where} do not match the model config{hint}:\n  {shown}")

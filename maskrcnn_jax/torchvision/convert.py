@@ -1,0 +1,148 @@
+"""torchvision checkpoints <-> maskrcnn_jax (config, variables).
+
+    from maskrcnn_jax.torchvision.convert import from_torchvision, to_torchvision
+    config, variables = from_torchvision(torch.load(path, weights_only=True), num_classes=91)
+    # torchvision's official COCO_V1 checkpoint runs with eps 0 (overwrite_eps(model, 0.0)):
+    # from_torchvision(torch.load("maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth"), frozen_bn_eps=0.0)
+    state_dict = to_torchvision(config, variables)  # the inverse (e.g. for a trained model)
+
+The command-line tool is `convert.py` at the repository root.
+"""
+
+import re
+
+from maskrcnn_jax.config import STATIC_DEFAULTS, model_config
+from maskrcnn_jax.torchvision.state_dict import (
+    flax_to_torchvision,
+    resnet_to_flax,
+    torchvision_to_flax,
+)
+
+_RESNET_DEPTHS = {(2, 2, 2, 2): "resnet18", (3, 4, 6, 3): "resnet50", (3, 4, 23, 3): "resnet101"}
+
+
+def import_torch():
+    """`torch`, or an ImportError naming the extra that installs it (reading or writing a `.pth`
+    needs torch; nothing else in maskrcnn_jax does)."""
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError("reading or writing torchvision checkpoints (.pth) needs torch: "
+                          "pip install -e '.[torch]'") from e
+    return torch
+
+
+def load_state_dict(path):
+    """A torchvision state dict from a `.pth` file (a training checkpoint's 'model' entry too)."""
+    torch = import_torch()
+    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state_dict, dict) and "model" in state_dict and not any(
+            k.startswith("backbone.") for k in state_dict):
+        state_dict = state_dict["model"]
+    return state_dict
+
+
+def _backbone_name(state_dict, prefix="backbone.body."):
+    """resnet18/34/50/101 from the block counts (and block type) in a state dict."""
+    counts = []
+    for stage in range(1, 5):
+        pattern = re.compile(re.escape(prefix) + rf"layer{stage}\.(\d+)\.conv1\.weight$")
+        counts.append(len({m.group(1) for k in state_dict if (m := pattern.match(k))}))
+    bottleneck = f"{prefix}layer1.0.conv3.weight" in state_dict
+    if tuple(counts) == (3, 4, 6, 3):
+        return "resnet50" if bottleneck else "resnet34"
+    name = _RESNET_DEPTHS.get(tuple(counts))
+    if name is None:
+        raise ValueError(f"state dict has ResNet stage sizes {counts}, not a known torchvision ResNet")
+    return name
+
+
+def architecture_of(state_dict) -> dict:
+    """The config keys a torchvision Mask R-CNN state dict fixes: backbone depth, class count,
+    FPN and head widths."""
+    return {
+        "backbone": _backbone_name(state_dict),
+        "num_classes": int(state_dict["roi_heads.box_predictor.cls_score.weight"].shape[0]),
+        "fpn_channels": int(state_dict["backbone.fpn.layer_blocks.0.0.weight"].shape[0]),
+        "box_representation_size": int(state_dict["roi_heads.box_head.fc7.weight"].shape[0]),
+        "mask_head_layers": tuple(
+            int(v.shape[0]) for k, v in state_dict.items()
+            if k.startswith("roi_heads.mask_head.") and k.endswith(".weight")),
+        "mask_dim_reduced": int(
+            state_dict["roi_heads.mask_predictor.conv5_mask.weight"].shape[1]),
+    }
+
+
+def from_torchvision(state_dict, frozen_bn_eps=STATIC_DEFAULTS["frozen_bn_eps"], **kwargs):
+    """(config, variables) reproducing torchvision's `maskrcnn_resnet50_fpn(**kwargs)` with this
+    state dict.
+
+    Args:
+      state_dict: a torchvision Mask R-CNN state dict (torch tensors or arrays).
+      frozen_bn_eps: eps of the backbone's FrozenBatchNorm2d, stored in the config. torchvision's
+        default is 1e-5, but `maskrcnn_resnet50_fpn(weights=COCO_V1)` calls
+        `overwrite_eps(model, 0.0)`: pass 0.0 for that official checkpoint
+        (`maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth`), whose near-dead channels (tiny
+        running_var) make 1e-5 change the detections.
+      **kwargs: torchvision's keyword names and defaults (num_classes, min_size, max_size,
+        box_score_thresh, box_nms_thresh, box_detections_per_img, rpn_pre_nms_top_n_test, ...),
+        plus maskrcnn_jax's static settings (canvas_size, box_pre_nms_top_n, compute_dtype).
+
+    The architecture (backbone depth, `num_classes`, FPN and head widths) is read from the state
+    dict (`architecture_of`); a keyword that disagrees with it is an error.
+
+    Raises:
+      ValueError: if a keyword disagrees with the state dict's architecture (naming both
+        values), or for keys or shapes that are not a torchvision Mask R-CNN (naming the key).
+    """
+    try:
+        found = architecture_of(state_dict)
+    except KeyError as e:
+        raise ValueError(f"not a torchvision Mask R-CNN state dict: no key {e}") from None
+    for key, value in found.items():
+        if key in kwargs:
+            given = tuple(kwargs[key]) if key == "mask_head_layers" else kwargs[key]
+            if given != value:
+                raise ValueError(f"{key}={given!r} given, but the state dict has {value!r}")
+    kwargs.update(found)
+    variables = torchvision_to_flax(state_dict, num_classes=found["num_classes"])
+    return model_config(frozen_bn_eps=frozen_bn_eps, **kwargs), variables
+
+
+def check_torchvision_architecture(config):
+    """Raise ValueError if torchvision has no counterpart of the config's backbone: a ResNet
+    18/34/50/101 with FrozenBatchNorm2d (not GroupNorm, not the test-only 'tiny')."""
+    norm = config.get("backbone_norm", "frozen_bn")
+    if norm != "frozen_bn":
+        raise ValueError(f"backbone_norm {norm!r} has no torchvision counterpart (frozen_bn only)")
+    if config.backbone not in ("resnet18", "resnet34", "resnet50", "resnet101"):
+        raise ValueError(f"backbone {config.backbone!r} has no torchvision counterpart")
+
+
+def to_torchvision(config, variables):
+    """torchvision state dict (torch float32 tensors) of a maskrcnn_jax model: the inverse of
+    `from_torchvision`, for a torchvision `MaskRCNN` built with the config's architecture
+    (`maskrcnn_jax.testing.torch_models.torchvision_maskrcnn(config)`: ResNet with
+    FrozenBatchNorm2d of eps `frozen_bn_eps`, `fpn_channels`, head widths, `num_classes`). A
+    state dict holds no eps: a torch model built otherwise must be given the config's.
+
+    `from_torchvision(to_torchvision(config, v), **config)` gives `v` back bit for bit.
+
+    Raises:
+      ValueError: if the config has no torchvision counterpart (a GroupNorm backbone, the test
+        'tiny' backbone) or disagrees with the variables (backbone depth, widths, classes).
+    """
+    torch = import_torch()
+    check_torchvision_architecture(config)
+    state_dict = flax_to_torchvision(variables)
+    for key, value in architecture_of(state_dict).items():
+        expected = tuple(config[key]) if key == "mask_head_layers" else config[key]
+        if value != expected:
+            raise ValueError(f"config {key}={expected!r} but the variables have {value!r}")
+    return {k: torch.from_numpy(v) for k, v in state_dict.items()}
+
+
+def backbone_from_torchvision_resnet(state_dict):
+    """Backbone variables `{'params': ..., 'batch_stats': ...}` from a torchvision ImageNet
+    ResNet state dict (e.g. `resnet50(weights=...)`), to initialize training."""
+    return resnet_to_flax(state_dict)

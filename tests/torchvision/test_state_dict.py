@@ -1,0 +1,321 @@
+"""The torchvision -> Flax weight converter: structure, layouts and error reporting.
+
+Structure reference: `jax.eval_shape(module.init, ...)` of each Flax module, which must give
+exactly the converted tree (same paths, same shapes, float32).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from maskrcnn_jax import models
+from maskrcnn_jax.torchvision.state_dict import resnet_to_flax, torchvision_to_flax
+
+NUM_CLASSES = 91
+TOP_LEVEL = ["backbone", "box_head", "box_predictor", "fpn", "mask_head", "mask_predictor",
+             "rpn_head"]
+
+
+@pytest.fixture(scope="module")
+def state_dict():
+    """The real maskrcnn_resnet50_fpn keys (weights=None: BatchNorm2d, num_batches_tracked)."""
+    torch.manual_seed(0)
+    model = torchvision.models.detection.maskrcnn_resnet50_fpn(
+        weights=None, weights_backbone=None, num_classes=NUM_CLASSES)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def converted(state_dict):
+    return torchvision_to_flax(state_dict, num_classes=NUM_CLASSES)
+
+
+def _nhwc(*shape):
+    return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+# Each top-level name -> (Flax module, example input) used by the lead's top-level model.
+MODULES = {
+    "backbone": (models.ResNet50(), _nhwc(1, 64, 64, 3)),
+    "fpn": (models.FeaturePyramidNetwork(),
+            [_nhwc(1, 16, 16, 256), _nhwc(1, 8, 8, 512), _nhwc(1, 4, 4, 1024),
+             _nhwc(1, 2, 2, 2048)]),
+    "rpn_head": (models.RPNHead(num_anchors=3), [_nhwc(1, 8, 8, 256), _nhwc(1, 4, 4, 256)]),
+    "box_head": (models.TwoMLPHead(), _nhwc(2, 7, 7, 256)),
+    "box_predictor": (models.FastRCNNPredictor(NUM_CLASSES), _nhwc(2, 1024)),
+    "mask_head": (models.MaskRCNNHeads(), _nhwc(2, 14, 14, 256)),
+    "mask_predictor": (models.MaskRCNNPredictor(NUM_CLASSES), _nhwc(2, 14, 14, 256)),
+}
+
+
+def shape_tree(tree):
+    return jax.tree_util.tree_map(lambda a: (tuple(a.shape), jnp.dtype(a.dtype)), tree)
+
+
+def init_shapes(module, example):
+    return shape_tree(jax.eval_shape(module.init, jax.random.PRNGKey(0), example))
+
+
+def test_top_level_names(converted):
+    assert sorted(converted) == ["batch_stats", "params"]
+    assert sorted(converted["params"]) == TOP_LEVEL
+    assert sorted(converted["batch_stats"]) == ["backbone"]
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_tree_matches_module_init(converted, name):
+    module, example = MODULES[name]
+    expected = init_shapes(module, example)
+    got = {"params": converted["params"][name]}
+    if name in converted["batch_stats"]:
+        got["batch_stats"] = converted["batch_stats"][name]
+    assert shape_tree(got) == expected
+
+
+def test_leaves_are_float32_numpy_and_cover_every_tensor(state_dict, converted):
+    leaves = jax.tree_util.tree_leaves(converted)
+    assert all(isinstance(a, np.ndarray) and a.dtype == np.float32 for a in leaves)
+    n_tensors = sum(v.numel() for k, v in state_dict.items()
+                    if not k.endswith("num_batches_tracked"))
+    assert sum(a.size for a in leaves) == n_tensors
+
+
+def test_numpy_input_gives_same_result(state_dict, converted):
+    as_numpy = torchvision_to_flax({k: v.numpy() for k, v in state_dict.items()})
+    jax.tree_util.tree_map(np.testing.assert_array_equal, as_numpy, converted)
+
+
+def test_converted_variables_do_not_alias_the_torch_tensors(state_dict):
+    """Changing the torch tensors in place after conversion (training the torch model on) must
+    not change the converted variables: `Tensor.numpy()` is a view, so conversion copies."""
+    sd = {k: v.clone() for k, v in state_dict.items()}
+    variables = torchvision_to_flax(sd, num_classes=NUM_CLASSES)
+    before = jax.tree_util.tree_map(np.copy, variables)
+    with torch.no_grad():
+        for v in sd.values():
+            if v.is_floating_point():
+                v.add_(1.0)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, variables, before)
+
+
+def test_layouts(state_dict, converted):
+    p = converted["params"]
+    conv = state_dict["backbone.body.layer2.0.conv2.weight"].numpy()  # (O, I, kh, kw)
+    np.testing.assert_array_equal(p["backbone"]["layer2_0"]["conv2"]["kernel"][2, 0, 5, 7],
+                                  conv[7, 5, 2, 0])
+    bn = state_dict["backbone.body.layer3.1.bn2.running_var"].numpy()
+    np.testing.assert_array_equal(converted["batch_stats"]["backbone"]["layer3_1"]["bn2"]
+                                  ["running_var"], bn)
+    # fc6: torch flattens (c, h, w); the Flax kernel's rows are in NHWC (h, w, c) order.
+    fc6 = state_dict["roi_heads.box_head.fc6.weight"].numpy()
+    kernel = p["box_head"]["fc6"]["kernel"]
+    rng = np.random.default_rng(0)
+    for o, c, h, w in zip(*(rng.integers(0, n, 20) for n in (1024, 256, 7, 7))):
+        assert kernel[(h * 7 + w) * 256 + c, o] == fc6[o, c * 49 + h * 7 + w]
+    # ConvTranspose2d (in, out, kh, kw) -> (kh, kw, out, in).
+    deconv = state_dict["roi_heads.mask_predictor.conv5_mask.weight"].numpy()
+    np.testing.assert_array_equal(p["mask_predictor"]["conv5_mask"]["kernel"][1, 0, 3, 9],
+                                  deconv[9, 3, 1, 0])
+    linear = state_dict["roi_heads.box_predictor.bbox_pred.weight"].numpy()
+    np.testing.assert_array_equal(p["box_predictor"]["bbox_pred"]["kernel"], linear.T)
+
+
+def _without(sd, key):
+    return {k: v for k, v in sd.items() if k != key}
+
+
+@pytest.mark.parametrize("key", [
+    "backbone.body.layer1.0.downsample.0.weight",
+    "backbone.body.layer4.2.bn3.running_mean",
+    "backbone.fpn.layer_blocks.3.0.bias",
+    "rpn.head.bbox_pred.weight",
+    "roi_heads.box_head.fc7.bias",
+    "roi_heads.mask_predictor.conv5_mask.bias",
+])
+def test_missing_key_is_named(state_dict, key):
+    with pytest.raises(KeyError, match=key.replace(".", r"\.")):
+        torchvision_to_flax(_without(state_dict, key))
+
+
+def test_unexpected_key_is_named(state_dict):
+    extra = dict(state_dict, **{"roi_heads.keypoint_head.0.weight": torch.zeros(3)})
+    with pytest.raises(ValueError, match=r"unexpected keys.*keypoint_head\.0\.weight"):
+        torchvision_to_flax(extra)
+
+
+@pytest.mark.parametrize("key,shape", [
+    ("backbone.body.layer3.2.conv2.weight", (256, 256, 1, 1)),
+    ("backbone.body.layer2.1.bn1.weight", (64,)),
+    ("backbone.fpn.inner_blocks.1.0.weight", (256, 256, 1, 1)),
+    ("rpn.head.bbox_pred.weight", (8, 256, 1, 1)),
+    ("roi_heads.box_head.fc6.weight", (1024, 256 * 7 * 7 + 1)),
+    ("roi_heads.mask_predictor.mask_fcn_logits.weight", (90, 256, 1, 1)),
+])
+def test_shape_mismatch_is_named(state_dict, key, shape):
+    bad = dict(state_dict, **{key: torch.zeros(shape)})
+    with pytest.raises(ValueError, match="shape mismatch for '" + key.replace(".", r"\.")):
+        torchvision_to_flax(bad)
+
+
+def test_num_classes_mismatch(state_dict):
+    with pytest.raises(ValueError, match=r"roi_heads\.box_predictor\.cls_score\.weight"):
+        torchvision_to_flax(state_dict, num_classes=2)
+
+
+@pytest.mark.parametrize("arch,module", [("resnet18", models.ResNet18()),
+                                         ("resnet50", models.ResNet50())])
+def test_resnet_to_flax_structure(arch, module):
+    sd = getattr(torchvision.models, arch)(weights=None).state_dict()
+    assert "fc.weight" in sd
+    variables = resnet_to_flax(sd)
+    assert shape_tree(variables) == init_shapes(module, _nhwc(1, 64, 64, 3))
+
+
+def test_resnet_to_flax_numerics():
+    """ImageNet ResNet-18 (BatchNorm2d in eval mode, random running stats) up to layer4."""
+    torch.manual_seed(1)
+    net = torchvision.models.resnet18(weights=None).eval()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                c = m.num_features
+                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                m.bias.copy_(0.2 * torch.randn(c, generator=g))
+                m.running_mean.copy_(0.2 * torch.randn(c, generator=g))
+                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+        x = torch.randn(2, 3, 72, 88, generator=g)
+        y = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+        ref = []
+        for layer in (net.layer1, net.layer2, net.layer3, net.layer4):
+            y = layer(y)
+            ref.append(y.numpy().transpose(0, 2, 3, 1))
+    ours = jax.jit(models.ResNet18().apply)(resnet_to_flax(net.state_dict()),
+                                            x.numpy().transpose(0, 2, 3, 1))
+    for o, r in zip(ours, ref):
+        assert o.shape == r.shape
+        assert np.abs(np.asarray(o) - r).max() / np.abs(r).max() <= 1e-4
+
+
+# --- maskrcnn_jax -> torchvision (`convert.to_torchvision`, `torch_models.torchvision_maskrcnn`) --
+
+# A non-default architecture: narrow FPN and heads, two mask-head layers, 4 classes.
+SMALL = dict(backbone="resnet18", num_classes=4, min_size=96, max_size=128, canvas_size=(128, 128),
+             fpn_channels=32, box_representation_size=64, mask_head_layers=(32, 16),
+             mask_dim_reduced=24, box_detections_per_img=20, rpn_pre_nms_top_n_test=200,
+             rpn_post_nms_top_n_test=100)
+
+
+def _random_variables(config, seed):
+    """Every variable of `MaskRCNN(config)` (structure from `eval_shape` of its init), filled
+    with distinct random float32 values (running_var > 0)."""
+    from maskrcnn_jax.models.maskrcnn import MaskRCNN
+
+    h, w = config.canvas_size
+    shapes = jax.eval_shape(MaskRCNN(config).init, jax.random.PRNGKey(0),
+                            jnp.zeros((1, h, w, 3)), jnp.array([[h, w]]), jnp.array([[h, w]]))
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, s: (rng.uniform(0.5, 1.5, s.shape) if "running_var" in str(path[-1])
+                         else rng.standard_normal(s.shape)).astype(np.float32),
+        shapes)
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])
+def test_to_torchvision_round_trip_is_exact(backbone):
+    from maskrcnn_jax.config import model_config
+    from maskrcnn_jax.testing.torch_models import torchvision_maskrcnn
+    from maskrcnn_jax.torchvision.convert import from_torchvision, to_torchvision
+
+    config = model_config(**dict(SMALL, backbone=backbone))
+    variables = _random_variables(config, seed=3)
+    state_dict = to_torchvision(config, variables)
+    assert all(v.dtype == torch.float32 for v in state_dict.values())
+    # torchvision's own model of that architecture takes it: same keys, same shapes.
+    model = torchvision_maskrcnn(config)
+    model.load_state_dict(state_dict, strict=True)
+    assert model.backbone.fpn.layer_blocks[0][0].out_channels == 32
+    assert len(model.roi_heads.mask_head) == 2
+    back_config, back = from_torchvision(model.state_dict(), **dict(SMALL, backbone=backbone))
+    assert back_config == config
+    assert shape_tree(back) == shape_tree(variables)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, back, variables)
+
+
+def test_to_torchvision_inverts_torchvision_state_dict(state_dict, converted):
+    """The other direction on torchvision's own maskrcnn_resnet50_fpn (default widths)."""
+    from maskrcnn_jax.config import model_config
+    from maskrcnn_jax.torchvision.convert import to_torchvision
+
+    back = to_torchvision(model_config(num_classes=NUM_CLASSES), converted)
+    expected = {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
+    assert sorted(back) == sorted(expected)
+    for key, value in expected.items():
+        assert torch.equal(back[key], value), key
+
+
+def test_to_torchvision_rejects_mismatches():
+    from maskrcnn_jax.config import model_config
+    from maskrcnn_jax.torchvision.convert import to_torchvision
+
+    config = model_config(**SMALL)
+    variables = _random_variables(config, seed=4)
+    with pytest.raises(ValueError, match="num_classes=5"):
+        to_torchvision(model_config(**dict(SMALL, num_classes=5)), variables)
+    with pytest.raises(ValueError, match="mask_head_layers"):
+        to_torchvision(model_config(**dict(SMALL, mask_head_layers=(32, 32))), variables)
+    with pytest.raises(ValueError, match="backbone"):
+        to_torchvision(model_config(**dict(SMALL, backbone="resnet34")), variables)
+    extra = {"params": dict(variables["params"], extra={"kernel": np.zeros((1, 1))}),
+             "batch_stats": variables["batch_stats"]}
+    with pytest.raises(ValueError, match="extra/kernel"):
+        to_torchvision(config, extra)
+
+
+def test_torchvision_runs_converted_weights_as_we_do():
+    """torchvision's `MaskRCNN` (built for the small config) loaded with `to_torchvision` of a
+    maskrcnn_jax model detects what our `Predictor` detects with those variables (one-to-one:
+    label, box within 0.05 px, score within 1e-3), on two shapes validation images."""
+    import io
+
+    from PIL import Image
+
+    from maskrcnn_jax.config import model_config
+    from maskrcnn_jax.data import shapes
+    from maskrcnn_jax.inference.predictor import Predictor
+    from maskrcnn_jax.testing.matching import match_rows
+    from maskrcnn_jax.testing.torch_models import (
+        make_confident,
+        randomize_frozen_bn_and_biases,
+        torchvision_maskrcnn,
+    )
+    from maskrcnn_jax.torchvision.convert import from_torchvision, to_torchvision
+
+    config = model_config(**SMALL)
+    torch.manual_seed(0)
+    source_model = make_confident(torchvision_maskrcnn(config))
+    randomize_frozen_bn_and_biases(source_model, seed=1)
+    _, variables = from_torchvision(source_model.state_dict(), **SMALL)
+    torch.manual_seed(5)  # different random weights: every weight must come from the load
+    model = torchvision_maskrcnn(config)
+    model.load_state_dict(to_torchvision(config, variables), strict=True)
+    predictor = Predictor(config, variables)
+    images = [np.array(Image.open(io.BytesIO(shapes.generate_image(0, "validation", i)["image"])))
+              for i in (0, 1)]
+    total = 0
+    for image, ours in zip(images, predictor(images)):
+        with torch.no_grad():
+            theirs = model([torch.from_numpy(image).permute(2, 0, 1).float() / 255.0])[0]
+        theirs = {k: v.numpy() for k, v in theirs.items()}
+        assert len(ours["boxes"]) == len(theirs["boxes"])
+        keyed = lambda d: np.concatenate([d["boxes"], 1e4 * d["labels"][:, None]], 1)  # noqa: E731
+        match = match_rows(keyed(ours), keyed(theirs), tol=0.05)
+        assert (match >= 0).all(), f"unmatched torchvision detections {np.where(match < 0)[0]}"
+        np.testing.assert_allclose(ours["scores"][match], theirs["scores"], atol=1e-3, rtol=0)
+        mae = np.abs(ours["masks"][match] - theirs["masks"]).mean(axis=(1, 2, 3))
+        assert len(mae) == 0 or mae.max() <= 1e-3
+        total += len(theirs["boxes"])
+    assert total >= 10, "the model must detect something for the comparison to mean anything"
