@@ -37,6 +37,7 @@ for _key in _SETTINGS:
     _default = {**TORCHVISION_DEFAULTS, **STATIC_DEFAULTS}[_key]
     flags.DEFINE_string(_key, None, f"JSON value (default: {json.dumps(_default)})",
                         flag_values=FLAGS)
+cli.define_compilation_cache_flag(FLAGS)
 
 
 def _parse_value(text):
@@ -83,6 +84,7 @@ def _compare(state_dict, config, variables, image_paths):
 
 def main(argv=None) -> int:
     args = cli.parse(FLAGS, argv, __doc__, "convert.py")
+    cli.enable_compilation_cache(FLAGS.compilation_cache_dir)
     if len(args) != 1:
         raise SystemExit(f"convert.py: expected one .pth file, got {args}; see --help")
     if not FLAGS.out:

@@ -36,6 +36,7 @@ flags.DEFINE_integer("batch_size", 8, "images per compiled call", lower_bound=1,
                      flag_values=FLAGS)
 flags.DEFINE_integer("max_images", None, "evaluate the first N images only", flag_values=FLAGS)
 flags.DEFINE_bool("progress", True, "show a progress bar", flag_values=FLAGS)
+cli.define_compilation_cache_flag(FLAGS)
 
 
 def load_source(train_config, data=None, data_dir=None, split=None, manual_dir=None,
@@ -59,6 +60,7 @@ def load_source(train_config, data=None, data_dir=None, split=None, manual_dir=N
 
 def main(argv=None) -> int:
     args = cli.parse(FLAGS, argv, __doc__, "eval.py")
+    cli.enable_compilation_cache(FLAGS.compilation_cache_dir)
     if args:
         raise SystemExit(f"eval.py: unexpected arguments {args}; see --help")
     if not FLAGS.checkpoint:

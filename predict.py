@@ -33,6 +33,7 @@ flags.DEFINE_string("class_names", None, "text file, one name per line, line 0 =
                     flag_values=FLAGS)
 flags.DEFINE_integer("batch_size", 1, "images per compiled call", lower_bound=1,
                      flag_values=FLAGS)
+cli.define_compilation_cache_flag(FLAGS)
 
 
 def output_stems(paths) -> list[str]:
@@ -119,6 +120,7 @@ def predict_files(images, checkpoint, out, score_threshold=0.5, class_names_file
 
 def main(argv=None) -> int:
     images = cli.parse(FLAGS, argv, __doc__, "predict.py")
+    cli.enable_compilation_cache(FLAGS.compilation_cache_dir)
     return predict_files(images, FLAGS.checkpoint, FLAGS.out, FLAGS.score_threshold,
                          FLAGS.class_names, FLAGS.batch_size)
 

@@ -23,7 +23,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from maskrcnn_jax import checkpoints
+from maskrcnn_jax import checkpoints, cli
 from maskrcnn_jax.config import model_config
 from maskrcnn_jax.data import builders, pipeline
 from maskrcnn_jax.models.maskrcnn import MaskRCNN, frozen
@@ -32,6 +32,7 @@ from maskrcnn_jax.training import train_lib
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/shapes.py", "Training configuration file.")
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics and TensorBoard logs go here.")
+cli.define_compilation_cache_flag(FLAGS)
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,10 @@ def train_and_evaluate(config, workdir: str, step_hook=None) -> dict:
     step = int(state.step)
     if restored is not None:
         log.info("resumed from step %d", step)
-    p_train_step = train_lib.make_train_step(model, tx, mesh, config.mask_rois_per_image)
+    frozen_labels = (train_lib.frozen_param_labels(param_shapes, config.frozen_backbone_stages)
+                     if config.frozen_backbone_stages else None)
+    p_train_step = train_lib.make_train_step(model, tx, mesh, config.mask_rois_per_image,
+                                             frozen_labels)
     writer = train_lib.MetricWriter(workdir)
     num_steps = int(config.num_train_steps)
 
@@ -206,6 +210,7 @@ def main(argv):
     if FLAGS.workdir is None:
         raise app.UsageError("--workdir is required")
     config = FLAGS.config
+    cli.enable_compilation_cache(FLAGS.compilation_cache_dir)
     if config.distributed:
         jax.distributed.initialize()
     # Our progress and warnings at INFO; libraries' (Orbax, TFDS, absl) chatter only from WARNING.

@@ -2,17 +2,17 @@
 identical weights and images.
 
 Run:  python bench/inference.py [--sizes 800x1333 512x512] [--batches 1 8] [--dtypes float32 bfloat16]
-                                [--repeats 3] [--canvas square|fit] [--threads N] [--no-torchvision]
+                                [--repeats 3] [--canvas buckets|square|fit] [--threads N] [--no-torchvision]
 
 Each size HxW is both the images' size and the models' input size (resize limits min_size =
 min(H, W), max_size = max(H, W) on both sides, so neither model rescales the images).
-maskrcnn_jax's `Predictor` runs every image in its config's fixed `canvas_size`. `--canvas
-square` (the default: the product's default canvas, what a user of `from_torchvision` /
-`model_config` without `canvas_size` gets) is max(min_size, max_size) rounded up to 32, squared,
-so that either orientation fits one compiled function: 1344x1344 for 800x1333 images, which
-torchvision pads to 800x1344 only, so there maskrcnn_jax convolves ~1.7x the pixels (512x512 is
-the same either way). `--canvas fit` sets it to HxW rounded up to 32, torchvision's own padded
-size for a batch of such images (equal work). Each row prints the canvas used.
+maskrcnn_jax's `Predictor` runs each image in the smallest of its config's canvas buckets that
+holds it. `--canvas buckets` (the default: what a user of `from_torchvision` / `model_config`
+without `canvas_size` gets) uses the default buckets derived from min_size / max_size (800x1344
+for 800x1333 images); `--canvas square` one square canvas of the longest side (1344x1344 there:
+~1.7x the pixels torchvision convolves); `--canvas fit` HxW rounded up to 32, torchvision's own
+padded size for a batch of such images (equal work). Each row prints the canvas used, and the
+header the default buckets' average padding on common photo shapes.
 
 One markdown row per image size x batch x compute dtype: maskrcnn_jax's first call (compilation
 + run), its latency per batch (median of --repeats, after compilation) and images/s,
@@ -44,6 +44,8 @@ import jax  # noqa: E402
 import torch  # noqa: E402
 from timing import header, median_seconds, seconds, torch_device, torch_sync  # noqa: E402
 
+from maskrcnn_jax.config import bucket_for, model_config  # noqa: E402
+from maskrcnn_jax.data.transform import padded_size, resized_size  # noqa: E402
 from maskrcnn_jax.inference.predictor import Predictor  # noqa: E402
 from maskrcnn_jax.testing import import_torchvision  # noqa: E402
 from maskrcnn_jax.torchvision.convert import from_torchvision  # noqa: E402
@@ -61,16 +63,45 @@ def _peak_memory():
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"
 
 
+def _round32(value):
+    return int(np.ceil(value / 32) * 32)
+
+
+# Common photo shapes (height x width) for the padding figure of the default buckets.
+PHOTO_SHAPES = {"1:1": (1000, 1000), "4:3": (768, 1024), "3:4": (1024, 768), "3:2": (683, 1024),
+                "2:3": (1024, 683), "16:9": (576, 1024), "9:16": (1024, 576)}
+
+
+def print_bucket_padding(min_size=800, max_size=1333):
+    """Average fraction of canvas pixels that are padding (outside the resized image) for the
+    default buckets and for one square canvas, over PHOTO_SHAPES."""
+    config = model_config(min_size=min_size, max_size=max_size)
+    square = (_round32(max(min_size, max_size)),) * 2
+    rows = []
+    for name, (h, w) in PHOTO_SHAPES.items():
+        out_h, out_w = resized_size(h, w, min_size, max_size)
+        pad = (_round32(out_h), _round32(out_w))
+        canvas = bucket_for(pad, config.canvas_buckets)
+        rows.append((name, canvas, 1 - out_h * out_w / (canvas[0] * canvas[1]),
+                     1 - out_h * out_w / (square[0] * square[1])))
+    shapes = ", ".join(f"{n} -> {c[0]}x{c[1]}" for n, c, _, _ in rows)
+    print(f"default canvas buckets at min_size {min_size} / max_size {max_size}: "
+          f"{' '.join(f'{h}x{w}' for h, w in config.canvas_buckets)}; {shapes}; padding "
+          f"fraction averaged over {len(rows)} photo shapes: buckets "
+          f"{np.mean([r[2] for r in rows]):.1%}, one {square[0]}x{square[1]} canvas "
+          f"{np.mean([r[3] for r in rows]):.1%}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["800x1333", "512x512"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--canvas", choices=("square", "fit"), default="square",
-                        help="maskrcnn_jax's canvas_size: the config's default square canvas "
-                             "(default) or HxW rounded up to 32, torchvision's padded size "
-                             "(fit: equal work)")
+    parser.add_argument("--canvas", choices=("buckets", "square", "fit"), default="buckets",
+                        help="maskrcnn_jax's canvases: the config's default buckets (default), "
+                             "one square of the longest side, or HxW rounded up to 32, "
+                             "torchvision's padded size (fit: equal work)")
     parser.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     parser.add_argument("--no-torchvision", action="store_true")
     args = parser.parse_args()
@@ -86,10 +117,12 @@ def main():
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.to(device)
     rng = np.random.default_rng(0)
-    print(f"maskrcnn_jax canvas: --canvas {args.canvas} "
-          + ("(the product's default canvas_size: max(min_size, max_size) rounded up to 32, "
-             "square)" if args.canvas == "square"
-             else "(HxW rounded up to 32: torchvision's padded size, equal work)"))
+    print(f"maskrcnn_jax canvas: --canvas {args.canvas} " + {
+        "buckets": "(the product's default: canvas buckets from min_size / max_size, each "
+                   "image in the smallest that holds it)",
+        "square": "(one square canvas of the longest side rounded up to 32)",
+        "fit": "(HxW rounded up to 32: torchvision's padded size, equal work)"}[args.canvas])
+    print_bucket_padding()
     print(f"\nmedian of {args.repeats} calls; speed ratio = maskrcnn_jax images/s / torchvision "
           "images/s\n")
     print("| image | batch | dtype | jax canvas | first call s (compile + run) | jax ms/batch | "
@@ -98,8 +131,8 @@ def main():
     print("|---|---:|---|---|---:|---:|---:|---:|---:|---:|---|", flush=True)
     for size_text in args.sizes:
         size = tuple(int(v) for v in size_text.split("x"))
-        canvas = (tuple(int(np.ceil(s / 32) * 32) for s in size) if args.canvas == "fit"
-                  else None)
+        canvas = {"fit": tuple(int(np.ceil(s / 32) * 32) for s in size),
+                  "square": (_round32(max(size)),) * 2, "buckets": None}[args.canvas]
         # Both models run at this size: resize limits set to it (torchvision's defaults, 800 /
         # 1333, would upscale a 512x512 image to 800x800).
         model.transform.min_size, model.transform.max_size = (min(size),), max(size)
@@ -121,7 +154,8 @@ def main():
                     state, canvas_size=canvas, compute_dtype=dtype, min_size=min(size),
                     max_size=max(size))
                 predictor = Predictor(config, variables, batch_size=batch)
-                used = "x".join(str(v) for v in predictor.config.canvas_size)
+                used = "x".join(str(v) for v in bucket_for(
+                    padded_size(images[0], predictor.config)[1], predictor.config.canvas_buckets))
                 compile_s = seconds(lambda: predictor(images))
                 jax_ms = 1e3 * median_seconds(lambda: predictor(images), args.repeats,
                                               warmup=False)

@@ -2,7 +2,7 @@
 roi_align kernels and their backward) on identical weights and data, at equal work.
 
 Run:  python bench/train.py [--size 512] [--batch 2] [--steps 3] [--backbone resnet50]
-                            [--frozen-stages 2] [--threads N] [--mask-rois N] [--stop-frozen-grad]
+                            [--frozen-stages 2] [--threads N] [--mask-rois N]
 
 Both sides start from the same converted weights (torchvision's Mask R-CNN with frozen batch
 norm, as it trains from pretrained backbones), train on the same synthetic images, boxes and
@@ -12,10 +12,9 @@ backbone stages: torchvision `trainable_backbone_layers = 5 - F` (parameters wit
 requires_grad=False) <=> maskrcnn_jax `frozen_backbone_stages = F` (`train_lib.create_optimizer`:
 zero updates, no decay), default F = 2 (stem and layer1 frozen, both projects' default for a
 pretrained backbone; the script checks both sides train the same number of parameters).
-torchvision skips the backward of its frozen stages; maskrcnn_jax still computes it (JAX
-differentiates every parameter and the optimizer zeroes the frozen updates) -- the output says
-so, and --stop-frozen-grad adds a row where the bench wraps the frozen parameters in
-`lax.stop_gradient` (no backward for them: what skipping it would gain; not the product's step).
+Neither side runs the backward of its frozen stages: torchvision's parameters have
+requires_grad=False, maskrcnn_jax's train step stops their gradient
+(`train_lib.stop_frozen_gradients`, as `train.py` does).
 Each timed step starts again from the initial weights (from random weights the recipe diverges
 to inf/NaN within two steps, which would be timed otherwise).
 
@@ -59,7 +58,11 @@ from maskrcnn_jax.models.maskrcnn import MaskRCNN, frozen  # noqa: E402
 from maskrcnn_jax.testing import import_torchvision  # noqa: E402
 from maskrcnn_jax.torchvision.convert import from_torchvision  # noqa: E402
 from maskrcnn_jax.training.losses import compute_losses  # noqa: E402
-from maskrcnn_jax.training.train_lib import create_optimizer, frozen_param_labels  # noqa: E402
+from maskrcnn_jax.training.train_lib import (  # noqa: E402
+    create_optimizer,
+    frozen_param_labels,
+    stop_frozen_gradients,
+)
 
 
 def torchvision_model(backbone_name, num_classes, frozen_stages):
@@ -103,10 +106,6 @@ def main():
     parser.add_argument("--mask-rois", type=int, default=None,
                         help="maskrcnn_jax's equal-work mask_rois_per_image (default: the most "
                              "positives torchvision sampled in an image)")
-    parser.add_argument("--stop-frozen-grad", action="store_true",
-                        help="also time the equal-work step with lax.stop_gradient on the frozen "
-                             "parameters (skips their backward, as torchvision; not the "
-                             "product's train step)")
     args = parser.parse_args()
     torchvision = import_torchvision()
     device = torch_device(jax, torch)
@@ -143,9 +142,8 @@ def main():
     if trained_jax != trained_tv:
         raise AssertionError(f"trained parameters differ: maskrcnn_jax {trained_jax:,}, "
                              f"torchvision {trained_tv:,}")
-    print(f"trained parameters: {trained_tv:,} on both sides. torchvision skips the backward of "
-          f"its frozen stages (requires_grad=False); maskrcnn_jax still computes it (JAX "
-          f"differentiates every parameter; the optimizer zeroes the frozen updates)"
+    print(f"trained parameters: {trained_tv:,} on both sides; neither differentiates its frozen "
+          "stages (torchvision requires_grad=False, maskrcnn_jax stop_gradient)"
           if args.frozen_stages else "nothing frozen: both sides compute the full backward",
           flush=True)
 
@@ -203,15 +201,13 @@ def main():
 
     default_rois = int(config.box_batch_size_per_image * config.box_positive_fraction)
     matched_rois = args.mask_rois or int(counts.max())
-    runs = [("equal", f"maskrcnn_jax, {matched_rois} mask RoIs/img (equal work)", matched_rois, None),
-            ("default", f"maskrcnn_jax, {default_rois} mask RoIs/img (default)", None, None)]
-    if args.stop_frozen_grad and args.frozen_stages:
-        runs.append(("stop", f"maskrcnn_jax, {matched_rois} mask RoIs/img, stop_gradient on frozen",
-                     matched_rois, labels))
+    runs = [("equal", f"maskrcnn_jax, {matched_rois} mask RoIs/img (equal work)", matched_rois),
+            ("default", f"maskrcnn_jax, {default_rois} mask RoIs/img (default)", None)]
+    frozen_labels = labels if args.frozen_stages else None
     rows = {}
-    for key, label, mask_rois, stop_labels in runs:
+    for key, label, mask_rois in runs:
         step_s, compile_s, loss_mask, losses = time_jax(net, tx, params, stats, opt_state, data,
-                                                        mask_rois, args.steps, stop_labels)
+                                                        mask_rois, args.steps, frozen_labels)
         rows[key] = (label, step_s, compile_s, loss_mask)
         print(f"{label}: total loss per step " + " ".join(f"{v:.4g}" for v in losses), flush=True)
     print("| | step s | images/s | maskrcnn_jax / torchvision speed |\n|---|---:|---:|---:|")
@@ -230,17 +226,15 @@ def main():
           f"{'no positive dropped' if rel < 1e-5 else 'POSITIVES DROPPED: the matched run is not equal work'}")
 
 
-def time_jax(net, tx, params, stats, opt_state, data, mask_rois, steps, stop_labels=None):
+def time_jax(net, tx, params, stats, opt_state, data, mask_rois, steps, frozen_labels=None):
     """(median step s, first step s incl. compile, first step's loss_mask, total loss of every
-    step) of the jitted step; `stop_labels` ('frozen'/'trained' per parameter): stop the
-    gradient of the frozen ones."""
+    step) of the jitted step; `frozen_labels` ('frozen'/'trained' per parameter): the frozen
+    ones get no gradient, as in `train_lib.train_step`."""
 
     @jax.jit
     def step(params, opt_state, data, key):
         def loss_fn(p):
-            if stop_labels is not None:
-                p = jax.tree.map(lambda x, lab: jax.lax.stop_gradient(x) if lab == "frozen" else x,
-                                 p, stop_labels)
+            p = stop_frozen_gradients(p, frozen_labels)
             return compute_losses(net, {"params": p, "batch_stats": stats}, data, key,
                                   mask_format="full", mask_rois_per_image=mask_rois)
         (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)

@@ -2,9 +2,11 @@
 
 Each tool defines its absl flags on its own `flags.FlagValues`, so that tools can be imported
 and run side by side (tests, notebooks) without their flag names colliding in absl's global
-registry; `train.py` keeps the global one for `ml_collections.config_flags`.
+registry; `train.py` keeps the global one for `ml_collections.config_flags`. Every tool turns
+on JAX's persistent compilation cache (`--compilation_cache_dir`, 'none' for off).
 """
 
+import os
 import sys
 import textwrap
 from typing import Optional, Sequence
@@ -29,3 +31,29 @@ def parse(flag_values: flags.FlagValues, argv: Optional[Sequence[str]], doc: str
     except flags.Error as e:
         print(f"{program}: {e}\nsee {program} --help", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+
+
+def default_cache_dir() -> str:
+    """`$XDG_CACHE_HOME/maskrcnn_jax/jax_compilation` (else `~/.cache/...`)."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "maskrcnn_jax", "jax_compilation")
+
+
+def define_compilation_cache_flag(flag_values: flags.FlagValues = flags.FLAGS):
+    flags.DEFINE_string(
+        "compilation_cache_dir", default_cache_dir(),
+        "JAX's persistent compilation cache: a later run of the same shapes loads its compiled "
+        "programs instead of compiling them again; 'none' turns it off", flag_values=flag_values)
+
+
+def enable_compilation_cache(directory: Optional[str]):
+    """Turn on JAX's persistent compilation cache in `directory` (None, '' or 'none': off).
+    Programs that took at least a second to compile are cached."""
+    if not directory or directory.lower() == "none":
+        return
+    import jax
+
+    directory = os.path.expanduser(directory)
+    os.makedirs(directory, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

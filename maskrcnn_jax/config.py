@@ -53,6 +53,10 @@ STATIC_DEFAULTS: dict[str, Any] = dict(
     # Fixed (height, width) every resized image is padded into; None: a square of the largest
     # resized side rounded up to 32, so every image fits in either orientation.
     canvas_size=None,
+    # Inference canvases ((height, width) multiples of 32): each image goes to the smallest that
+    # holds it after resizing, one compiled function per canvas used. None: `canvas_size` alone
+    # when it is given, else `default_canvas_buckets(min_size, max_size)`.
+    canvas_buckets=None,
     size_divisible=32,
     # Per-class NMS of the detections runs on the top `box_pre_nms_top_n` (class, box) candidates
     # above `box_score_thresh`; torchvision keeps all of them (up to 1000 x 90).
@@ -87,14 +91,40 @@ def model_config(**kwargs) -> ml_collections.ConfigDict:
     values["frozen_bn_eps"] = float(values["frozen_bn_eps"])
     if values["frozen_bn_eps"] < 0:
         raise ValueError(f"frozen_bn_eps {values['frozen_bn_eps']} must be >= 0")
+    if values["canvas_buckets"] is None:
+        values["canvas_buckets"] = (
+            (values["canvas_size"],) if values["canvas_size"] is not None else
+            default_canvas_buckets(values["min_size"], values["max_size"],
+                                   values["size_divisible"]))
     if values["canvas_size"] is None:
         side = _round_up(max(values["min_size"], values["max_size"]), values["size_divisible"])
         values["canvas_size"] = (side, side)
     values["canvas_size"] = tuple(int(v) for v in values["canvas_size"])
-    for side in values["canvas_size"]:
-        if side % 32:
-            raise ValueError(f"canvas_size {values['canvas_size']} must be a multiple of 32")
+    values["canvas_buckets"] = tuple(sorted(
+        {tuple(int(v) for v in b) for b in values["canvas_buckets"]}, key=lambda b: (b[0] * b[1], b)))
+    for canvas in (values["canvas_size"], *values["canvas_buckets"]):
+        if len(canvas) != 2 or canvas[0] % 32 or canvas[1] % 32:
+            raise ValueError(f"canvas {canvas} must be (height, width), multiples of 32")
     return ml_collections.ConfigDict(values)
+
+
+def default_canvas_buckets(min_size: int, max_size: int, size_divisible: int = 32):
+    """Canvases that fit common photo shapes with little padding: square, 4:3 / 3:4 and the
+    longest (16:9 / 9:16 and anything longer), each side `min_size` or `max_size` resized as
+    torchvision does and rounded up to `size_divisible`. Every resized image fits the last two.
+    """
+    short = _round_up(min(min_size, max_size), size_divisible)
+    long = _round_up(max(min_size, max_size), size_divisible)
+    four_three = min(_round_up(min(min_size, max_size) * 4 / 3, size_divisible), long)
+    return ((short, short), (short, four_three), (four_three, short), (short, long), (long, short))
+
+
+def bucket_for(padded_size, buckets):
+    """The smallest canvas of `buckets` (sorted by area) that holds `(height, width)`, or None."""
+    for canvas in buckets:
+        if padded_size[0] <= canvas[0] and padded_size[1] <= canvas[1]:
+            return tuple(canvas)
+    return None
 
 
 def _round_up(value: float, multiple: int) -> int:

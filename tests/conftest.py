@@ -1,8 +1,12 @@
 """Shared test set-up: JAX on the CPU; session fixtures shared across test folders."""
 
 import os
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The tools' default persistent compilation cache lives under the user's cache dir: keep the
+# suite's in a temporary one.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="maskrcnn_jax_test_cache_")
 
 import pytest  # noqa: E402
 

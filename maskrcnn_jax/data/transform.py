@@ -77,46 +77,61 @@ def bilinear_resize(array: np.ndarray, out_height: int, out_width: int) -> np.nd
     return _fma(top, hl0, bottom * hl1)
 
 
-def preprocess(images: Sequence[np.ndarray], config, first_index: int = 0,
-               min_size: int | None = None) -> Batch:
-    """uint8 `(H, W, 3)` RGB images (any sizes) -> a `Batch` in the config's canvas.
-
-    As torchvision: scale to [0, 1], normalize with `image_mean`/`image_std`, resize, pad with 0.
-    `min_size` overrides `config.min_size` (training's multi-scale resizing).
+def padded_size(image: np.ndarray, config, index: int = 0,
+                min_size: int | None = None) -> tuple[tuple[int, int], tuple[int, int]]:
+    """`((out_h, out_w), (pad_h, pad_w))`: an image's resized size (torchvision's) and that
+    rounded up to `size_divisible`.
 
     Raises:
-      ValueError: naming the image's index (`first_index` + its position in `images`: its index
-        in the caller's list), for a wrong shape/dtype, a side that resizes to 0 pixels (e.g.
-        1x1000 at min_size 800 / max_size 1333) or a resized image that does not fit
-        `config.canvas_size`.
+      ValueError: naming the image's `index`, for a wrong shape or dtype, or a side that
+        resizes to 0 pixels (e.g. 1x1000 at min_size 800 / max_size 1333).
     """
-    canvas_h, canvas_w = config.canvas_size
     min_size = int(config.min_size if min_size is None else min_size)
+    if image.ndim != 3 or image.shape[-1] != 3 or image.shape[0] < 1 or image.shape[1] < 1:
+        raise ValueError(f"image {index}: expected an (H, W, 3) RGB array, got shape {image.shape}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"image {index}: expected dtype uint8, got {image.dtype}")
+    h, w = image.shape[:2]
+    out_h, out_w = resized_size(h, w, min_size, config.max_size)
+    if out_h < 1 or out_w < 1:
+        raise ValueError(
+            f"image {index}: size {h}x{w} resizes to {out_h}x{out_w} (min_size {min_size}, "
+            f"max_size {config.max_size}): a side of 0 pixels; crop or pad the image to a less "
+            "extreme aspect ratio")
+    divisible = config.size_divisible
+    pad = (int(math.ceil(out_h / divisible) * divisible), int(math.ceil(out_w / divisible) * divisible))
+    return (out_h, out_w), pad
+
+
+def preprocess(images: Sequence[np.ndarray], config, indices: Sequence[int] | None = None,
+               min_size: int | None = None, canvas_size=None) -> Batch:
+    """uint8 `(H, W, 3)` RGB images (any sizes) -> a `Batch` in one canvas.
+
+    As torchvision: scale to [0, 1], normalize with `image_mean`/`image_std`, resize, pad with 0.
+    `min_size` overrides `config.min_size` (training's multi-scale resizing), `canvas_size`
+    `config.canvas_size` (a canvas bucket).
+
+    Raises:
+      ValueError: naming the image's index (`indices[k]`, its index in the caller's list;
+        default its position in `images`), for a wrong shape/dtype, a side that resizes to 0
+        pixels or a resized image that does not fit the canvas.
+    """
+    canvas_h, canvas_w = tuple(canvas_size or config.canvas_size)
     mean = np.asarray(config.image_mean, np.float32)
     std = np.asarray(config.image_std, np.float32)
     batch = np.zeros((len(images), canvas_h, canvas_w, 3), np.float32)
     image_sizes, padded_sizes, original_sizes = [], [], []
-    for i, image in enumerate(images, start=first_index):
+    indices = range(len(images)) if indices is None else indices
+    for k, (i, image) in enumerate(zip(indices, images)):
         image = np.asarray(image)
-        if image.ndim != 3 or image.shape[-1] != 3 or image.shape[0] < 1 or image.shape[1] < 1:
-            raise ValueError(f"image {i}: expected an (H, W, 3) RGB array, got shape {image.shape}")
-        if image.dtype != np.uint8:
-            raise ValueError(f"image {i}: expected dtype uint8, got {image.dtype}")
+        (out_h, out_w), (pad_h, pad_w) = padded_size(image, config, i, min_size)
         h, w = image.shape[:2]
-        out_h, out_w = resized_size(h, w, min_size, config.max_size)
-        if out_h < 1 or out_w < 1:
-            raise ValueError(
-                f"image {i}: size {h}x{w} resizes to {out_h}x{out_w} (min_size "
-                f"{min_size}, max_size {config.max_size}): a side of 0 pixels; crop or "
-                "pad the image to a less extreme aspect ratio")
-        pad_h = int(math.ceil(out_h / config.size_divisible) * config.size_divisible)
-        pad_w = int(math.ceil(out_w / config.size_divisible) * config.size_divisible)
         if pad_h > canvas_h or pad_w > canvas_w:
             raise ValueError(
                 f"image {i}: size {h}x{w} resizes to {out_h}x{out_w} (padded {pad_h}x{pad_w}), "
                 f"which does not fit the canvas {canvas_h}x{canvas_w}; raise config.canvas_size")
         normalized = (image.astype(np.float32) / np.float32(255.0) - mean) / std
-        batch[i - first_index, :out_h, :out_w] = bilinear_resize(normalized, out_h, out_w)
+        batch[k, :out_h, :out_w] = bilinear_resize(normalized, out_h, out_w)
         image_sizes.append((out_h, out_w))
         padded_sizes.append((pad_h, pad_w))
         original_sizes.append((h, w))
@@ -161,36 +176,57 @@ def paste_masks(masks: np.ndarray, boxes: np.ndarray, image_size, padding: int =
     return out
 
 
-def detect_in_batches(images: Sequence[np.ndarray], config, batch_size: int, forward) -> list[dict]:
+def detect_in_batches(images: Sequence[np.ndarray], config, batch_size: int, forward,
+                      buckets=None) -> list[dict]:
     """Host side of batched inference, shared by `Predictor` and the exported model's loader.
 
-    Images are preprocessed in chunks of `batch_size` (a short last chunk is padded with blank
-    images, so the compiled shape never changes), run through `forward(images, image_sizes,
-    padded_sizes)` (the network: padded detections as host or device arrays), and mapped back
-    to original-image pixels.
+    Each image goes to the smallest canvas of `buckets` (default `config.canvas_buckets`) that
+    holds it after resizing; the images of one canvas are preprocessed in chunks of
+    `batch_size` (a short last chunk is padded with blank images, so the compiled shapes never
+    change: one per canvas used), run through `forward(images, image_sizes, padded_sizes)` (the
+    network: padded detections as host or device arrays), and mapped back to original-image
+    pixels, in the caller's order.
 
     Returns:
       One dict per image, as torchvision's Mask R-CNN in eval mode: `boxes (N, 4)` float32
       `(x1, y1, x2, y2)` in original-image pixels, `scores (N,)` float32 (decreasing),
       `labels (N,)` int64, `masks (N, 1, H, W)` float32 probabilities.
+
+    Raises:
+      ValueError: naming the image's index in `images`, for a bad image or one that fits no
+        canvas.
     """
+    from maskrcnn_jax.config import bucket_for
+
     if isinstance(images, np.ndarray) and images.ndim == 3:
         raise ValueError("expected a sequence of images; wrap a single image in a list")
-    results = []
-    for start in range(0, len(images), batch_size):
-        chunk = list(images[start:start + batch_size])
-        blanks = [np.zeros((32, 32, 3), np.uint8)] * (batch_size - len(chunk))
-        batch = preprocess(chunk + blanks, config, first_index=start)
-        out = {k: np.asarray(v) for k, v in
-               forward(batch.images, batch.image_sizes, batch.padded_sizes).items()}
-        for i in range(len(chunk)):
-            n = int(out["valid"][i].sum())  # detections are packed first, padding after
-            original = tuple(int(v) for v in batch.original_sizes[i])
-            boxes = resize_boxes(out["boxes"][i, :n], batch.image_sizes[i], original)
-            results.append({
-                "boxes": boxes,
-                "scores": np.asarray(out["scores"][i, :n], np.float32),
-                "labels": np.asarray(out["labels"][i, :n], np.int64),
-                "masks": paste_masks(out["mask_probs"][i, :n], boxes, original)[:, None],
-            })
+    buckets = [tuple(b) for b in (buckets or config.get("canvas_buckets") or [config.canvas_size])]
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, image in enumerate(images):
+        (out_h, out_w), pad = padded_size(np.asarray(image), config, i)
+        canvas = bucket_for(pad, buckets)
+        if canvas is None:
+            h, w = np.shape(image)[:2]
+            raise ValueError(f"image {i}: size {h}x{w} resizes to {out_h}x{out_w} (padded "
+                             f"{pad[0]}x{pad[1]}), which fits none of the canvases {buckets}")
+        groups.setdefault(canvas, []).append(i)
+    results: list[dict | None] = [None] * len(images)
+    for canvas, members in groups.items():
+        for start in range(0, len(members), batch_size):
+            chunk = members[start:start + batch_size]
+            blanks = [np.zeros((32, 32, 3), np.uint8)] * (batch_size - len(chunk))
+            batch = preprocess([images[i] for i in chunk] + blanks, config,
+                               indices=chunk + [-1] * len(blanks), canvas_size=canvas)
+            out = {k: np.asarray(v) for k, v in
+                   forward(batch.images, batch.image_sizes, batch.padded_sizes).items()}
+            for k, i in enumerate(chunk):
+                n = int(out["valid"][k].sum())  # detections are packed first, padding after
+                original = tuple(int(v) for v in batch.original_sizes[k])
+                boxes = resize_boxes(out["boxes"][k, :n], batch.image_sizes[k], original)
+                results[i] = {
+                    "boxes": boxes,
+                    "scores": np.asarray(out["scores"][k, :n], np.float32),
+                    "labels": np.asarray(out["labels"][k, :n], np.int64),
+                    "masks": paste_masks(out["mask_probs"][k, :n], boxes, original)[:, None],
+                }
     return results

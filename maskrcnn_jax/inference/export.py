@@ -22,7 +22,8 @@ from maskrcnn_jax import checkpoints
 
 def export_inference(config, variables, directory, batch_size: int = 1,
                      platforms: Sequence[str] | None = None) -> str:
-    """Serialize `MaskRCNN(config).apply` for a batch of `batch_size` canvas images.
+    """Serialize `MaskRCNN(config).apply` for a batch of `batch_size` images in
+    `config.canvas_size` (one canvas: the loader puts every image there).
 
     Returns the directory written.
     """
@@ -44,8 +45,10 @@ def export_inference(config, variables, directory, batch_size: int = 1,
         jax.ShapeDtypeStruct((batch_size, 2), np.int32),
     )
     exported = jax.export.export(jax.jit(inference), platforms=platforms)(*specs)
-    checkpoints.save_exported(directory, exported.serialize(), variables,
-                              {**config.to_dict(), "export_batch_size": batch_size})
+    # The exported function takes one canvas: the loader must not bucket into others.
+    host_config = {**config.to_dict(), "canvas_buckets": [list(config.canvas_size)],
+                   "export_batch_size": batch_size}
+    checkpoints.save_exported(directory, exported.serialize(), variables, host_config)
     return directory
 
 

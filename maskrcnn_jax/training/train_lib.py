@@ -147,13 +147,29 @@ def create_train_state(model: MaskRCNN, tx, key: jax.Array, init_backbone=None) 
                       key=train_key)
 
 
+def stop_frozen_gradients(params, labels):
+    """`params` with `jax.lax.stop_gradient` on every leaf labelled 'frozen'
+    (`frozen_param_labels`): as torchvision's `requires_grad=False`, nothing upstream of the
+    first trained layer is differentiated, so XLA drops the frozen stages' backward entirely."""
+    if labels is None:
+        return params
+    return jax.tree.map(lambda p, label: jax.lax.stop_gradient(p) if label == "frozen" else p,
+                        params, labels)
+
+
 def train_step(model: MaskRCNN, tx, state: TrainState, batch: Dict[str, jnp.ndarray],
-               mask_rois_per_image: Optional[int] = None):
+               mask_rois_per_image: Optional[int] = None, frozen_labels=None):
     """One optimizer step: (new state, metrics dict of the total `loss`, each loss term and
-    the gradient's global norm), float32 scalars."""
+    the gradient's global norm), float32 scalars.
+
+    `frozen_labels` (`frozen_param_labels` of the params): frozen leaves get no gradient (zero,
+    and no backward computed); the gradient norm and its clipping cover the trained leaves only,
+    as torchvision's `clip_grad_norm_` over the parameters that have a gradient.
+    """
     key = jax.random.fold_in(state.key, state.step)
 
     def loss_fn(params):
+        params = stop_frozen_gradients(params, frozen_labels)
         variables = {"params": params, "batch_stats": state.batch_stats}
         return compute_losses(model, variables, batch, key, mask_format="crops",
                               mask_rois_per_image=mask_rois_per_image)
@@ -170,12 +186,14 @@ def make_mesh() -> Mesh:
     return Mesh(np.asarray(jax.devices()), ("data",))
 
 
-def make_train_step(model: MaskRCNN, tx, mesh: Mesh, mask_rois_per_image=None):
+def make_train_step(model: MaskRCNN, tx, mesh: Mesh, mask_rois_per_image=None,
+                    frozen_labels=None):
     """`train_step` jitted for `mesh`: batch sharded on 'data', state replicated. The state
     argument is donated (updated in place)."""
     replicated = NamedSharding(mesh, PartitionSpec())
     data = NamedSharding(mesh, PartitionSpec("data"))
-    step = functools.partial(train_step, model, tx, mask_rois_per_image=mask_rois_per_image)
+    step = functools.partial(train_step, model, tx, mask_rois_per_image=mask_rois_per_image,
+                             frozen_labels=frozen_labels)
     return jax.jit(step, in_shardings=(replicated, data), out_shardings=(replicated, replicated),
                    donate_argnums=0)
 

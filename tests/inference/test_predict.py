@@ -134,3 +134,23 @@ def test_draw_detections_marks_masks_and_boxes():
     assert (picture[38, 48] == 100).all(), "pixels outside every detection are untouched"
     low = dict(detections, scores=np.array([0.1], np.float32))
     np.testing.assert_array_equal(draw_detections(image, low, None, 0.5), image)
+
+
+@pytest.mark.slow
+def test_persistent_compilation_cache(checkpoint, tmp_path):
+    """predict.py stores its compiled programs in --compilation_cache_dir (a later run loads
+    them instead of compiling); 'none' writes nothing."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    image = _write(tmp_path / "in" / "a.png", (40, 40))
+    cache = tmp_path / "cache"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XDG_CACHE_HOME=str(tmp_path / "xdg"))
+    for cache_flag, out in ((f"--compilation_cache_dir={cache}", "out1"),
+                            ("--compilation_cache_dir=none", "out2")):
+        subprocess.run([sys.executable, "predict.py", image, f"--checkpoint={checkpoint}",
+                        f"--out={tmp_path / out}", cache_flag], cwd=repo, env=env, check=True,
+                       timeout=300, capture_output=True)
+    assert cache.is_dir() and len(os.listdir(cache)) > 0
+    assert not (tmp_path / "xdg").exists()  # 'none': not even the default folder

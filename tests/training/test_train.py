@@ -368,3 +368,28 @@ def test_kill_9_at_any_moment_resumes_bit_identical(data_dir, tmp_path):
     a, b = _restore(straight, steps).state, _restore(workdir, steps).state
     assert int(a["step"]) == int(b["step"]) == steps
     jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_frozen_parameters_get_no_gradient():
+    """`stop_frozen_gradients` (what the train step applies): frozen leaves' gradient is exactly
+    zero and no backward runs through them; the trained leaves' gradient is unchanged."""
+    import jax.numpy as jnp
+
+    params = {"backbone": {"conv1": {"kernel": jnp.full(3, 2.0)},
+                           "layer1_0": {"k": jnp.full(2, 3.0)},
+                           "layer2_0": {"k": jnp.full(2, 4.0)}},
+              "rpn_head": {"w": jnp.full(2, 5.0)}}
+    labels = train_lib.frozen_param_labels(params, 2)
+
+    def loss(p):
+        return sum(jnp.sum(x ** 2) for x in jax.tree.leaves(p))
+
+    grads = jax.grad(lambda p: loss(train_lib.stop_frozen_gradients(p, labels)))(params)
+    np.testing.assert_array_equal(grads["backbone"]["conv1"]["kernel"], 0.0)
+    np.testing.assert_array_equal(grads["backbone"]["layer1_0"]["k"], 0.0)
+    np.testing.assert_array_equal(grads["backbone"]["layer2_0"]["k"], 8.0)
+    np.testing.assert_array_equal(grads["rpn_head"]["w"], 10.0)
+    # No backward for the frozen leaves: their squares are not differentiated at all.
+    jaxpr = str(jax.make_jaxpr(jax.grad(
+        lambda p: loss(train_lib.stop_frozen_gradients(p, labels))))(params))
+    assert jaxpr.count("mul") < str(jax.make_jaxpr(jax.grad(loss))(params)).count("mul")

@@ -1,0 +1,62 @@
+"""Cold vs warm start of the predict CLI with JAX's persistent compilation cache.
+
+Run:  python bench/startup.py [--backbone resnet50] [--size 800x1333]
+
+Writes a randomly initialised maskrcnn_jax checkpoint (no torch needed), then runs
+`predict.py` on one image three times: with an empty cache folder (cold: every program
+compiled and stored), again with that folder (warm: programs loaded), and with the cache off.
+Prints each run's wall time (process start to exit, so imports and checkpoint loading count).
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backbone", default="resnet50")
+    parser.add_argument("--size", default="800x1333", help="image HxW (and min/max size)")
+    args = parser.parse_args()
+    import jax
+
+    from maskrcnn_jax import checkpoints
+    from maskrcnn_jax.config import model_config
+    from maskrcnn_jax.models.maskrcnn import MaskRCNN, frozen
+    from maskrcnn_jax.training.train_lib import init_variables
+
+    height, width = (int(v) for v in args.size.split("x"))
+    config = model_config(backbone=args.backbone, min_size=min(height, width),
+                          max_size=max(height, width))
+    work = tempfile.mkdtemp(prefix="startup_bench_")
+    variables = jax.device_get(init_variables(MaskRCNN(frozen(config)), jax.random.key(0)))
+    checkpoints.save_converted(os.path.join(work, "ckpt"), config, variables)
+    image = os.path.join(work, "image.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), np.uint8)).save(
+        image)
+    cache = os.path.join(work, "cache")
+    print(f"predict.py, {args.backbone}, one {height}x{width} image, canvas "
+          f"{config.canvas_size[0]}x{config.canvas_size[1]}, jax {jax.__version__} on "
+          f"{jax.devices()[0].platform}")
+    print("| run | wall s |\n|---|---:|")
+    for name, flag in (("cold (empty cache)", cache), ("warm (cache filled)", cache),
+                       ("cache off", "none")):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "predict.py", image, f"--checkpoint={work}/ckpt",
+                        f"--out={work}/out", f"--compilation_cache_dir={flag}"], cwd=REPO,
+                       check=True, capture_output=True)
+        print(f"| {name} | {time.perf_counter() - start:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
