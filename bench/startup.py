@@ -23,6 +23,10 @@ from PIL import Image  # noqa: E402
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
+def _round32(value):
+    return int(-(-value // 32) * 32)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backbone", default="resnet50")
@@ -31,7 +35,7 @@ def main():
     import jax
 
     from maskrcnn_jax import checkpoints
-    from maskrcnn_jax.config import model_config
+    from maskrcnn_jax.config import bucket_for, model_config
     from maskrcnn_jax.models.maskrcnn import MaskRCNN, frozen
     from maskrcnn_jax.training.train_lib import init_variables
 
@@ -45,9 +49,9 @@ def main():
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), np.uint8)).save(
         image)
     cache = os.path.join(work, "cache")
-    print(f"predict.py, {args.backbone}, one {height}x{width} image, canvas "
-          f"{config.canvas_size[0]}x{config.canvas_size[1]}, jax {jax.__version__} on "
-          f"{jax.devices()[0].platform}")
+    canvas = bucket_for((_round32(height), _round32(width)), config.canvas_buckets)
+    print(f"predict.py, {args.backbone}, one {height}x{width} image, canvas {canvas[0]}x"
+          f"{canvas[1]}, jax {jax.__version__} on {jax.devices()[0].platform}")
     print("| run | wall s |\n|---|---:|")
     for name, flag in (("cold (empty cache)", cache), ("warm (cache filled)", cache),
                        ("cache off", "none")):
