@@ -148,7 +148,7 @@ def train_and_evaluate(config, workdir: str, step_hook=None) -> dict:
     frozen_labels = (train_lib.frozen_param_labels(param_shapes, config.frozen_backbone_stages)
                      if config.frozen_backbone_stages else None)
     p_train_step = train_lib.make_train_step(model, tx, mesh, config.mask_rois_per_image,
-                                             frozen_labels)
+                                             frozen_labels, config.get("mask_rois_per_batch"))
     writer = train_lib.MetricWriter(workdir)
     num_steps = int(config.num_train_steps)
 

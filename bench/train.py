@@ -3,6 +3,7 @@ roi_align kernels and their backward) on identical weights and data, at equal wo
 
 Run:  python bench/train.py [--size 512] [--batch 2] [--steps 3] [--backbone resnet50]
                             [--frozen-stages 2] [--threads N] [--mask-rois N]
+                            [--mask-rois-per-batch N]
 
 Both sides start from the same converted weights (torchvision's Mask R-CNN with frozen batch
 norm, as it trains from pretrained backbones), train on the same synthetic images, boxes and
@@ -106,6 +107,9 @@ def main():
     parser.add_argument("--mask-rois", type=int, default=None,
                         help="maskrcnn_jax's equal-work mask_rois_per_image (default: the most "
                              "positives torchvision sampled in an image)")
+    parser.add_argument("--mask-rois-per-batch", type=int, default=None,
+                        help="also time maskrcnn_jax with this batch-wide mask-head budget "
+                             "(positives of all images packed; config mask_rois_per_batch)")
     args = parser.parse_args()
     torchvision = import_torchvision()
     device = torch_device(jax, torch)
@@ -201,13 +205,18 @@ def main():
 
     default_rois = int(config.box_batch_size_per_image * config.box_positive_fraction)
     matched_rois = args.mask_rois or int(counts.max())
-    runs = [("equal", f"maskrcnn_jax, {matched_rois} mask RoIs/img (equal work)", matched_rois),
-            ("default", f"maskrcnn_jax, {default_rois} mask RoIs/img (default)", None)]
+    runs = [("equal", f"maskrcnn_jax, {matched_rois} mask RoIs/img (equal work)", matched_rois,
+             None),
+            ("default", f"maskrcnn_jax, {default_rois} mask RoIs/img (default)", None, None)]
+    if args.mask_rois_per_batch:
+        runs.append(("batch", f"maskrcnn_jax, {args.mask_rois_per_batch} mask RoIs per batch "
+                              "(positives packed)", None, args.mask_rois_per_batch))
     frozen_labels = labels if args.frozen_stages else None
     rows = {}
-    for key, label, mask_rois in runs:
+    for key, label, mask_rois, per_batch in runs:
         step_s, compile_s, loss_mask, losses = time_jax(net, tx, params, stats, opt_state, data,
-                                                        mask_rois, args.steps, frozen_labels)
+                                                        mask_rois, args.steps, frozen_labels,
+                                                        per_batch)
         rows[key] = (label, step_s, compile_s, loss_mask)
         print(f"{label}: total loss per step " + " ".join(f"{v:.4g}" for v in losses), flush=True)
     print("| | step s | images/s | maskrcnn_jax / torchvision speed |\n|---|---:|---:|---:|")
@@ -226,7 +235,8 @@ def main():
           f"{'no positive dropped' if rel < 1e-5 else 'POSITIVES DROPPED: the matched run is not equal work'}")
 
 
-def time_jax(net, tx, params, stats, opt_state, data, mask_rois, steps, frozen_labels=None):
+def time_jax(net, tx, params, stats, opt_state, data, mask_rois, steps, frozen_labels=None,
+             mask_rois_per_batch=None):
     """(median step s, first step s incl. compile, first step's loss_mask, total loss of every
     step) of the jitted step; `frozen_labels` ('frozen'/'trained' per parameter): the frozen
     ones get no gradient, as in `train_lib.train_step`."""
@@ -236,7 +246,8 @@ def time_jax(net, tx, params, stats, opt_state, data, mask_rois, steps, frozen_l
         def loss_fn(p):
             p = stop_frozen_gradients(p, frozen_labels)
             return compute_losses(net, {"params": p, "batch_stats": stats}, data, key,
-                                  mask_format="full", mask_rois_per_image=mask_rois)
+                                  mask_format="full", mask_rois_per_image=mask_rois,
+                                  mask_rois_per_batch=mask_rois_per_batch)
         (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss, terms["loss_mask"]

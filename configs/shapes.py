@@ -71,6 +71,9 @@ def get_config() -> ml_collections.ConfigDict:
     # random 8 of them (the sampler's positives come in random order): the images have <= 6
     # objects, and the saved time buys more steps.
     config.mask_rois_per_image = 8
+    # Or a batch-wide budget: the positives of all images packed into this many mask-head RoIs
+    # (exact while they fit; None: per image, as above).
+    config.mask_rois_per_batch = None
     config.log_every_steps = 25
     config.checkpoint_every_steps = 50
     config.keep_checkpoints = 3

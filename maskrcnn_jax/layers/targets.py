@@ -189,6 +189,34 @@ def positive_rois(targets: Dict[str, jnp.ndarray], num_rois: int) -> Dict[str, j
     return out
 
 
+def pack_positive_rois(rois: Dict[str, jnp.ndarray], mask_targets: jnp.ndarray,
+                       num_rois: int):
+    """The valid entries of a batch's `positive_rois` (and their `mask_targets`) packed into
+    `num_rois` slots, in image order: a batch-wide mask-head budget instead of one per image.
+
+    Args:
+      rois: `positive_rois` stacked over the batch: `(B, D)` leading axes.
+      mask_targets: `(B, D, M, M)`.
+      num_rois: static N.
+
+    Returns:
+      (rois with `(1, N)` leading axes, mask targets `(1, N, M, M)`, image index `(N,)` int32 of
+      each slot). Valid entries come first; beyond the first N valid ones, positives are dropped.
+    """
+    b, d = rois["valid"].shape
+    flat_valid = rois["valid"].reshape(b * d)
+    order = jnp.argsort(~flat_valid, stable=True)[:num_rois]
+    if order.shape[0] < num_rois:  # a budget above B * D: pad with invalid slots
+        order = jnp.pad(order, (0, num_rois - order.shape[0]))
+        keep = jnp.arange(num_rois) < b * d
+    else:
+        keep = jnp.ones(num_rois, bool)
+    packed = {k: v.reshape(b * d, *v.shape[2:])[order][None] for k, v in rois.items()}
+    packed["valid"] = packed["valid"] & keep[None]
+    targets = mask_targets.reshape(b * d, *mask_targets.shape[2:])[order][None]
+    return packed, targets, (order // d).astype(jnp.int32)
+
+
 def mask_targets(
     gt_masks: jnp.ndarray,
     gt_boxes: jnp.ndarray,

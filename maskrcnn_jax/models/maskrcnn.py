@@ -156,6 +156,7 @@ class MaskRCNN(nn.Module):
         mask_format: Optional[str] = None,
         max_mask_sampling_grid: Optional[int] = None,
         return_intermediates: bool = False,
+        mask_rois_per_batch: Optional[int] = None,
     ):
         """The network on canvas images: inference (default) or training outputs (`train=True`).
 
@@ -170,6 +171,10 @@ class MaskRCNN(nn.Module):
           train: static; True gives the training outputs (RPN in train top-n, sampled RoIs).
           mask_rois_per_image: static, training: mask-head RoIs D per image; default
             `int(box_batch_size_per_image * box_positive_fraction)`, every sampled positive.
+          mask_rois_per_batch: static, training: instead of D slots per image, the mask head
+            runs on this many RoIs for the whole batch, the positives of every image packed in
+            image order (all kept when they fit: torchvision's loss; beyond it, the last images'
+            positives are dropped). The outputs' mask entries then have shape `(1, M, ...)`.
           mask_format: static, training: 'crops', 'full' or None (by shape, see `is_cropped`).
           max_mask_sampling_grid: static, training: RoIAlign grid bound for full-resolution
             masks (see `targets.mask_targets`).
@@ -198,7 +203,8 @@ class MaskRCNN(nn.Module):
         if train:
             return self._training_outputs(
                 images, image_sizes, padded_sizes, targets, key, fpn_features, anchors,
-                anchor_valid, rpn, mask_rois_per_image, mask_format, max_mask_sampling_grid)
+                anchor_valid, rpn, mask_rois_per_image, mask_format, max_mask_sampling_grid,
+                mask_rois_per_batch)
 
         box_features = self.pool(fpn_features, rpn["proposals"], padded_sizes, BOX_POOL_SIZE)
         class_logits, box_regression = self.box_outputs(box_features)
@@ -227,13 +233,13 @@ class MaskRCNN(nn.Module):
 
     def _training_outputs(self, images, image_sizes, padded_sizes, targets, key, fpn_features,
                           anchors, anchor_valid, rpn, mask_rois_per_image, mask_format,
-                          max_mask_sampling_grid):
+                          max_mask_sampling_grid, mask_rois_per_batch=None):
         """torchvision's training forward after the RPN head: targets, sampling, heads."""
         cfg = self.config
         if targets is None or key is None:
             raise ValueError("MaskRCNN(train=True) needs targets and a PRNG key")
         num_mask_rois = mask_rois_per_image
-        if num_mask_rois is None:
+        if num_mask_rois is None or mask_rois_per_batch is not None:
             num_mask_rois = int(cfg.box_batch_size_per_image * cfg.box_positive_fraction)
         cropped = is_cropped(targets["masks"], images.shape[1:3], mask_format)
         num_images = images.shape[0]
@@ -263,11 +269,23 @@ class MaskRCNN(nn.Module):
         class_logits, box_regression = self.box_outputs(box_features)
 
         rois = jax.vmap(lambda t: tg.positive_rois(t, num_mask_rois))(roi_tg)
-        mask_features = self.pool(fpn_features, rois["boxes"], padded_sizes, mask_pool_size(cfg))
-        mask_logits = self.mask_logits(mask_features)
+        mask_size = 2 * mask_pool_size(cfg)[0]
         mask_targets = jax.vmap(lambda mk, b, r, s: tg.mask_targets(
-            mk, b, r, s, mask_logits.shape[2], cropped, max_mask_sampling_grid
+            mk, b, r, s, mask_size, cropped, max_mask_sampling_grid
         ))(targets["masks"], gt_boxes, rois, image_sizes)
+        if mask_rois_per_batch is None:
+            mask_features = self.pool(fpn_features, rois["boxes"], padded_sizes,
+                                      mask_pool_size(cfg))
+        else:
+            rois, mask_targets, image_index = tg.pack_positive_rois(
+                rois, mask_targets, mask_rois_per_batch)
+            # Every image pools the packed boxes; each RoI keeps its own image's result.
+            pooled = self.pool(fpn_features, jnp.broadcast_to(
+                rois["boxes"], (num_images, *rois["boxes"].shape[1:])), padded_sizes,
+                mask_pool_size(cfg))
+            mask_features = jnp.take_along_axis(
+                pooled, image_index[None, :, None, None, None], axis=0)
+        mask_logits = self.mask_logits(mask_features)
         return {
             "objectness": jnp.concatenate(rpn["objectness"], axis=1),
             "rpn_deltas": jnp.concatenate(rpn["rpn_deltas"], axis=1),

@@ -155,6 +155,7 @@ def compute_losses(
     mask_rois_per_image: Optional[int] = None,
     mask_format: Optional[str] = None,
     max_mask_sampling_grid: Optional[int] = None,
+    mask_rois_per_batch: Optional[int] = None,
     **overrides,
 ) -> Tuple[jnp.ndarray, Dict[str, jnp.ndarray]]:
     """Mask R-CNN training losses of a batch (torchvision's training forward), jit/grad-able.
@@ -174,6 +175,8 @@ def compute_losses(
       mask_rois_per_image: static number D of mask-head RoIs per image; default
         `int(box_batch_size_per_image * box_positive_fraction)`, the most positives the sampler
         can return (exact). Smaller values drop positives beyond D (cheaper, not torchvision).
+      mask_rois_per_batch: static batch-wide number of mask-head RoIs instead (the positives of
+        every image packed; see `MaskRCNN.__call__`): exact while the batch's positives fit.
       mask_format: 'crops', 'full' or None (by shape: masks the canvas size are full-res).
       max_mask_sampling_grid: RoIAlign grid bound for full-resolution masks (see
         `targets.mask_targets`); the exact default `ceil(max(H, W) / 28)` gathers a lot on large
@@ -194,5 +197,5 @@ def compute_losses(
     outputs = model.apply(
         variables, batch["images"], batch["image_sizes"], batch["padded_sizes"], targets, key,
         train=True, mask_rois_per_image=mask_rois_per_image, mask_format=mask_format,
-        max_mask_sampling_grid=max_mask_sampling_grid)
+        max_mask_sampling_grid=max_mask_sampling_grid, mask_rois_per_batch=mask_rois_per_batch)
     return maskrcnn_losses(outputs)

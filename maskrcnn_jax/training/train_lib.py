@@ -158,7 +158,8 @@ def stop_frozen_gradients(params, labels):
 
 
 def train_step(model: MaskRCNN, tx, state: TrainState, batch: Dict[str, jnp.ndarray],
-               mask_rois_per_image: Optional[int] = None, frozen_labels=None):
+               mask_rois_per_image: Optional[int] = None, frozen_labels=None,
+               mask_rois_per_batch: Optional[int] = None):
     """One optimizer step: (new state, metrics dict of the total `loss`, each loss term and
     the gradient's global norm), float32 scalars.
 
@@ -172,7 +173,8 @@ def train_step(model: MaskRCNN, tx, state: TrainState, batch: Dict[str, jnp.ndar
         params = stop_frozen_gradients(params, frozen_labels)
         variables = {"params": params, "batch_stats": state.batch_stats}
         return compute_losses(model, variables, batch, key, mask_format="crops",
-                              mask_rois_per_image=mask_rois_per_image)
+                              mask_rois_per_image=mask_rois_per_image,
+                              mask_rois_per_batch=mask_rois_per_batch)
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -187,13 +189,13 @@ def make_mesh() -> Mesh:
 
 
 def make_train_step(model: MaskRCNN, tx, mesh: Mesh, mask_rois_per_image=None,
-                    frozen_labels=None):
+                    frozen_labels=None, mask_rois_per_batch=None):
     """`train_step` jitted for `mesh`: batch sharded on 'data', state replicated. The state
     argument is donated (updated in place)."""
     replicated = NamedSharding(mesh, PartitionSpec())
     data = NamedSharding(mesh, PartitionSpec("data"))
     step = functools.partial(train_step, model, tx, mask_rois_per_image=mask_rois_per_image,
-                             frozen_labels=frozen_labels)
+                             frozen_labels=frozen_labels, mask_rois_per_batch=mask_rois_per_batch)
     return jax.jit(step, in_shardings=(replicated, data), out_shardings=(replicated, replicated),
                    donate_argnums=0)
 

@@ -95,6 +95,37 @@ def test_loss_matches_torchvision(parity, name):
     assert rel <= RTOL
 
 
+@pytest.mark.slow
+def test_batch_wide_mask_budget_matches_torchvision():
+    """`mask_rois_per_batch`: the positives of both images packed into one budget. Exactly as
+    many slots as positives gives torchvision's mask loss; one slot fewer drops a positive and
+    changes it (so the comparison can fail)."""
+    setup = loss_parity.build()
+    with torch.no_grad():
+        reference = float(loss_parity.torch_losses(setup)["loss_mask"])
+    model = MaskRCNN(frozen(setup["config"]))
+    positives = None
+    results = {}
+    for budget in ("exact", "one short"):
+        if positives is None:  # count them with a generous budget first
+            outputs = jax.jit(lambda v, b, k: model.apply(
+                v, b["images"], b["image_sizes"], b["padded_sizes"],
+                {n: b[n] for n in ("boxes", "labels", "valid", "masks")}, k, train=True,
+                mask_rois_per_batch=2 * MASK_ROIS))(setup["variables"], setup["jax_batch"],
+                                                    jax.random.PRNGKey(0))
+            positives = int(outputs["mask_rois"]["valid"].sum())
+            assert outputs["mask_logits"].shape[:2] == (1, 2 * MASK_ROIS)
+        size = positives if budget == "exact" else positives - 1
+        _, losses = jax.jit(lambda v, b, k, n=size: compute_losses(
+            model, v, b, k, mask_rois_per_batch=n))(setup["variables"], setup["jax_batch"],
+                                                     jax.random.PRNGKey(0))
+        results[budget] = float(losses["loss_mask"])
+    print(f"positives {positives}; loss_mask torchvision {reference:.7f}, packed exact "
+          f"{results['exact']:.7f}, one short {results['one short']:.7f}")
+    assert abs(results["exact"] - reference) <= RTOL * reference
+    assert abs(results["one short"] - reference) > 10 * RTOL * reference
+
+
 def test_total_is_sum(parity):
     np.testing.assert_allclose(parity["total"], sum(parity["jax"].values()), rtol=1e-6)
 
