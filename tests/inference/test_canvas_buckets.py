@@ -33,10 +33,12 @@ def test_default_buckets_for_torchvision_sizes():
 
 @pytest.fixture(scope="module")
 def bucketed():
-    # A config of its own (box_detections_per_img) so that no other test shares its compiled
-    # functions: the counts below start from zero.
-    config, variables = tiny_model(box_detections_per_img=9, canvas_size=None)
-    return config, variables
+    # A config of its own (box_detections_per_img; the parameters do not depend on it) so that
+    # no other test shares its compiled functions: the counts below start from zero.
+    config, variables = tiny_model()
+    values = {**config.to_dict(), "box_detections_per_img": 9, "canvas_size": None,
+              "canvas_buckets": None}
+    return model_config(**values), variables
 
 
 def test_one_compilation_per_bucket_used(bucketed):
@@ -52,6 +54,7 @@ def test_one_compilation_per_bucket_used(bucketed):
     assert predictor._forward._cache_size() == 3  # new sizes, same buckets: nothing compiled
 
 
+@pytest.mark.slow
 def test_bucketed_detections_equal_one_canvas(bucketed):
     config, variables = bucketed
     rng = np.random.default_rng(1)

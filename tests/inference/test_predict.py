@@ -49,6 +49,7 @@ def test_predict_cli_writes_png_and_coco_json(checkpoint, tmp_path, capsys):
     assert "image1.jpg: " in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_colliding_names_get_numbered_outputs(checkpoint, tmp_path):
     """a/img.jpg and b/img.png must not both write out/img.png (the first result lost)."""
     paths = [_write(tmp_path / "a" / "img.jpg", (40, 50), 0),
@@ -71,6 +72,7 @@ def test_refuses_an_output_folder_holding_an_input(checkpoint, tmp_path):
     assert os.listdir(tmp_path / "photos") == ["cat.png"]
 
 
+@pytest.mark.slow
 def test_unreadable_images_are_skipped_and_fail_the_run(checkpoint, tmp_path, capsys):
     good = _write(tmp_path / "in" / "good.png", (40, 40))
     truncated = tmp_path / "in" / "truncated.jpg"

@@ -128,6 +128,7 @@ def test_detections_match(models, torch_outputs):
         assert mae.max() <= 1e-3, f"mask MAE {mae.max():.2e}"
 
 
+@pytest.mark.slow
 def test_no_recompilation_for_new_image_sizes(models):
     _, predictor, _ = models
     rng = np.random.default_rng(1)

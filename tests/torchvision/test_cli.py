@@ -87,6 +87,7 @@ def test_bfloat16_compute(models):
     assert jax.tree_util.tree_all(jax.tree.map(lambda x: x.dtype == np.float32, bf16.variables))
 
 
+@pytest.mark.slow
 def test_convert_cli_frozen_bn_eps(tmp_path, capsys):
     """`--frozen-bn-eps` (0.0 for torchvision's COCO_V1 checkpoint) reaches the saved config;
     without it the config keeps torchvision's 1e-5."""

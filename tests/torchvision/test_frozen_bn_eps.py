@@ -143,6 +143,7 @@ def test_reference_has_near_dead_channels(reference):
         assert len(out["boxes"]) >= 5 and out["scores"].max() > 0.5, "must detect confidently"
 
 
+@pytest.mark.slow
 def test_eps_zero_matches_torchvision(reference, record_property):
     _, _, theirs = reference
     ours = _jax_outputs(reference, 0.0)

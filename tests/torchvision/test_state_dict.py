@@ -275,6 +275,7 @@ def test_to_torchvision_rejects_mismatches():
         to_torchvision(config, extra)
 
 
+@pytest.mark.slow
 def test_torchvision_runs_converted_weights_as_we_do():
     """torchvision's `MaskRCNN` (built for the small config) loaded with `to_torchvision` of a
     maskrcnn_jax model detects what our `Predictor` detects with those variables (one-to-one:
