@@ -22,14 +22,19 @@ def _cli_args(kwargs):
     return args
 
 
+def _convert(model, tmp_path, *flags):
+    """Save `model`'s state dict as a .pth and run convert.py on it; returns the output dir."""
+    path, out = tmp_path / "model.pth", tmp_path / "converted"
+    torch.save(model.state_dict(), path)
+    assert convert.main([str(path), "--out", str(out), f"--canvas_size={json.dumps(list(CANVAS))}",
+                         *_cli_args(KWARGS), *flags]) == 0
+    return out
+
+
 @pytest.mark.slow
 def test_convert_cli_round_trip(models, tmp_path, capsys):
     model, predictor, images = models
-    path = tmp_path / "model.pth"
-    torch.save(model.state_dict(), path)
-    out = tmp_path / "converted"
-    assert convert.main([str(path), "--out", str(out), f"--canvas_size={json.dumps(list(CANVAS))}",
-                         *_cli_args(KWARGS)]) == 0
+    out = _convert(model, tmp_path)
     assert "resnet50, 5 classes" in capsys.readouterr().out
     config, variables = checkpoints.load_converted(out)
     assert config.to_dict() == predictor.config.to_dict()
@@ -47,13 +52,9 @@ def test_convert_cli_round_trip(models, tmp_path, capsys):
 @pytest.mark.slow
 def test_compare_report(models, tmp_path, capsys):
     model, _, images = models
-    path = tmp_path / "model.pth"
-    torch.save(model.state_dict(), path)
     image_path = tmp_path / "image.png"
     Image.fromarray(images[0]).save(image_path)
-    assert convert.main([str(path), "--out", str(tmp_path / "converted"), "--compare",
-                         str(image_path), f"--canvas_size={json.dumps(list(CANVAS))}",
-                         *_cli_args(KWARGS)]) == 0
+    _convert(model, tmp_path, "--compare", str(image_path))
     report = capsys.readouterr().out
     rows = {}
     for stage in ("backbone C5", "FPN P6", "RPN logits P2", "box head class logits", "detections scores"):
