@@ -13,6 +13,7 @@ and TensorBoard (`workdir/tb`); at the end the model is evaluated (COCO box and 
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -32,7 +33,9 @@ from maskrcnn_jax.training import train_lib
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/shapes.py", "Training configuration file.")
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics and TensorBoard logs go here.")
-cli.define_compilation_cache_flag(FLAGS)
+# Listed by `python train.py --help` (absl shows the main module's own flags).
+cli.define_compilation_cache_flag(
+    FLAGS, module_name=sys.argv[0] if __name__ == "__main__" else __name__)
 
 log = logging.getLogger(__name__)
 

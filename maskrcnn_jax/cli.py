@@ -39,11 +39,15 @@ def default_cache_dir() -> str:
     return os.path.join(root, "maskrcnn_jax", "jax_compilation")
 
 
-def define_compilation_cache_flag(flag_values: flags.FlagValues = flags.FLAGS):
+def define_compilation_cache_flag(flag_values: flags.FlagValues = flags.FLAGS,
+                                  module_name: Optional[str] = None):
+    """`--compilation_cache_dir` on `flag_values`; `module_name`: the tool whose `--help` lists
+    it (absl lists a module's own flags)."""
     flags.DEFINE_string(
         "compilation_cache_dir", default_cache_dir(),
         "JAX's persistent compilation cache: a later run of the same shapes loads its compiled "
-        "programs instead of compiling them again; 'none' turns it off", flag_values=flag_values)
+        "programs instead of compiling them again; 'none' turns it off", flag_values=flag_values,
+        module_name=module_name)
 
 
 def enable_compilation_cache(directory: Optional[str]):
