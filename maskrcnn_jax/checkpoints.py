@@ -184,7 +184,13 @@ def load_converted(directory):
 
 def load_checkpoint(directory):
     """(model config, variables, training config dict or None) of a converted checkpoint or a
-    train.py workdir (see the module docstring)."""
+    train.py workdir (see the module docstring).
+
+    Raises:
+      FileNotFoundError: naming `directory` when it does not exist (nothing is created).
+    """
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory}: no such checkpoint directory")
     if os.path.exists(os.path.join(directory, CONFIG_JSON)):
         config, variables = load_converted(directory)
         return config, variables, None

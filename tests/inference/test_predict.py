@@ -111,6 +111,10 @@ def test_missing_checkpoint_is_an_error_that_creates_nothing(tmp_path):
     with pytest.raises(SystemExit, match=f"--checkpoint {missing}: no such directory"):
         predict.main([path, "--checkpoint", str(missing), "--out", str(tmp_path / "out")])
     assert not missing.exists() and not (tmp_path / "out").exists()
+    # The library loader refuses it too, instead of letting Orbax create the folder.
+    with pytest.raises(FileNotFoundError, match="no such checkpoint directory"):
+        checkpoints.load_checkpoint(str(missing))
+    assert not missing.exists()
 
 
 def test_help_and_bad_flags(capsys):
