@@ -40,6 +40,10 @@ TORCHVISION_DEFAULTS: dict[str, Any] = dict(
 
 # Settings of maskrcnn_jax that torchvision does not have.
 STATIC_DEFAULTS: dict[str, Any] = dict(
+    # torchvision's 'v1' (`maskrcnn_resnet50_fpn`) or 'v2' (`maskrcnn_resnet50_fpn_v2`: batch
+    # norm in the FPN and heads, a 2-conv RPN head, `FastRCNNConvFCHead` as box head with
+    # `fpn_channels`-wide convs and `box_representation_size` fc; norms frozen, see models.heads).
+    architecture="v1",
     backbone="resnet50",
     # Backbone normalisation: torchvision's FrozenBatchNorm2d ('frozen_bn', for pretrained or
     # converted weights) or 'group_norm' (trainable, masked to each image; for training from
@@ -71,6 +75,8 @@ STATIC_DEFAULTS: dict[str, Any] = dict(
     mask_dim_reduced=256,
 )
 
+ARCHITECTURES = ("v1", "v2")
+
 _TORCHVISION_ONLY = {"weights", "progress", "weights_backbone", "trainable_backbone_layers"}
 
 
@@ -88,6 +94,8 @@ def model_config(**kwargs) -> ml_collections.ConfigDict:
     for key in ("image_mean", "image_std", "bbox_reg_weights"):
         values[key] = tuple(float(v) for v in values[key])
     values["mask_head_layers"] = tuple(int(v) for v in values["mask_head_layers"])
+    if values["architecture"] not in ARCHITECTURES:
+        raise ValueError(f"architecture {values['architecture']!r}: choose from {ARCHITECTURES}")
     values["frozen_bn_eps"] = float(values["frozen_bn_eps"])
     if values["frozen_bn_eps"] < 0:
         raise ValueError(f"frozen_bn_eps {values['frozen_bn_eps']} must be >= 0")

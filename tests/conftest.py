@@ -18,3 +18,11 @@ def models():
     from maskrcnn_jax.testing import parity_model
 
     return parity_model.build()
+
+
+@pytest.fixture(scope="session")
+def models_v2():
+    """The same for torchvision's `maskrcnn_resnet50_fpn_v2` (batch norm in the FPN and heads)."""
+    from maskrcnn_jax.testing import parity_model
+
+    return parity_model.build("v2")

@@ -2,6 +2,7 @@
 
 from maskrcnn_jax.models.fpn import FeaturePyramidNetwork, resize_nearest_like_torch
 from maskrcnn_jax.models.heads import (
+    FastRCNNConvFCHead,
     FastRCNNPredictor,
     MaskRCNNHeads,
     MaskRCNNPredictor,
@@ -23,6 +24,7 @@ from maskrcnn_jax.models.resnet import (
 __all__ = [
     "BasicBlock",
     "BottleneckBlock",
+    "FastRCNNConvFCHead",
     "FastRCNNPredictor",
     "FeaturePyramidNetwork",
     "FrozenBatchNorm",

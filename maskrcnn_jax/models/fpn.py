@@ -1,14 +1,17 @@
 """torchvision's `FeaturePyramidNetwork` with `LastLevelMaxPool` (P2..P6), NHWC.
 
 Variable names mirror torchvision: `inner_blocks_{i}` (torch `inner_blocks.{i}.0`, 1x1 lateral
-convs) and `layer_blocks_{i}` (torch `layer_blocks.{i}.0`, 3x3 output convs), both with bias.
+convs) and `layer_blocks_{i}` (torch `layer_blocks.{i}.0`, 3x3 output convs), both with bias;
+with `norm='frozen_bn'` (torchvision v2's `norm_layer=BatchNorm2d`) the convs have no bias and
+are followed by `inner_bn_{i}` / `layer_bn_{i}` (torch `inner_blocks.{i}.1` / `layer_blocks.{i}.1`).
 """
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
+from maskrcnn_jax.models.heads import head_norm
 from maskrcnn_jax.models.resnet import conv2d, zero_outside
 from maskrcnn_jax.ops.interpolate import nearest_indices
 
@@ -31,6 +34,7 @@ class FeaturePyramidNetwork(nn.Module):
       out_channels: width of every output level (256 in Mask R-CNN).
       extra_max_pool: append torchvision's `LastLevelMaxPool` level (`max_pool2d(kernel 1,
         stride 2)` of the coarsest output, i.e. `x[:, ::2, ::2]`), giving P6.
+      norm: None (v1) or 'frozen_bn' (v2: conv without bias + batch norm, running statistics).
       dtype: computation dtype (None: input dtype); parameters stay float32.
 
     Call: features, a sequence of NHWC maps (C2..C5), finest first. Returns a tuple of NHWC maps
@@ -40,17 +44,22 @@ class FeaturePyramidNetwork(nn.Module):
 
     out_channels: int = 256
     extra_max_pool: bool = True
+    norm: Optional[str] = None
     dtype: Any = None
 
     @nn.compact
     def __call__(self, features: Sequence, pixel_valid=None):
+        def block(kind, i, kernel_size, x):
+            x = conv2d(self.out_channels, kernel_size, 1, kernel_size // 2,
+                       use_bias=self.norm is None, dtype=self.dtype, kernel_init=_fpn_init,
+                       name=f"{kind}_blocks_{i}")(x)
+            return x if self.norm is None else head_norm(self.norm, self.dtype, f"{kind}_bn_{i}")(x)
+
         def inner(i, x):
-            return conv2d(self.out_channels, 1, use_bias=True, dtype=self.dtype,
-                          kernel_init=_fpn_init, name=f"inner_blocks_{i}")(x)
+            return block("inner", i, 1, x)
 
         def layer(i, x):
-            return conv2d(self.out_channels, 3, 1, 1, use_bias=True, dtype=self.dtype,
-                          kernel_init=_fpn_init, name=f"layer_blocks_{i}")(x)
+            return block("layer", i, 3, x)
 
         last = len(features) - 1
         last_inner = inner(last, features[last])

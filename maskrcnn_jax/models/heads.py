@@ -1,17 +1,33 @@
-"""The weighted heads of Mask R-CNN (torchvision v1), NHWC. No detection logic here.
+"""The weighted heads of Mask R-CNN (torchvision v1 and v2), NHWC. No detection logic here.
 
-Variable names mirror torchvision's state-dict names (see `convert_weights`).
+Variable names mirror torchvision's state-dict names (see `torchvision.state_dict`).
 All modules take a computation `dtype` (None: input dtype); parameters stay float32.
+
+torchvision's v2 (`maskrcnn_resnet50_fpn_v2`) differs in its heads: a 2-conv RPN head
+(`RPNHead(conv_depth=2)`), `FastRCNNConvFCHead` as box head, and batch norm after each mask-head
+conv (conv without bias). Its BatchNorm2d layers run here as `FrozenBatchNorm` (running
+statistics, `'batch_stats'`), as torchvision's do in eval mode.
 """
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from maskrcnn_jax.models.resnet import conv2d
+from maskrcnn_jax.models.resnet import FrozenBatchNorm, conv2d, zero_outside
+
+# torch.nn.BatchNorm2d's eps (v2's FPN and head norms).
+BATCH_NORM_EPS = 1e-5
 
 _relu_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def head_norm(norm: str, dtype, name: str):
+    """The norm layer after a conv of the FPN or a head: 'frozen_bn' only (v2's BatchNorm2d with
+    its running statistics)."""
+    if norm != "frozen_bn":
+        raise ValueError(f"unknown head norm {norm!r}; choose 'frozen_bn' or None")
+    return FrozenBatchNorm(BATCH_NORM_EPS, dtype=dtype, name=name)
 
 
 def _dense(features, dtype, name):
@@ -27,23 +43,32 @@ class RPNHead(nn.Module):
       deltas[l]:     (N, H_l * W_l * A, 4) box deltas (dx, dy, dw, dh) before weighting,
     flattened in torchvision's `permute_and_flatten` order (h, w, a): torch's channel index is
     a * 4 + k for the deltas, which is exactly an NHWC reshape of the last axis to (A, 4).
+
+    `conv_depth` 3x3 conv + relu layers (torchvision's `conv_depth`: 1 in v1, 2 in v2) named
+    `conv` (torch `conv.0.0`), then `conv_1`, `conv_2`, ... (torch `conv.1.0`, ...).
     """
 
     num_anchors: int = 3
+    conv_depth: int = 1
     dtype: Any = None
 
     @nn.compact
-    def __call__(self, features: Sequence):
+    def __call__(self, features: Sequence, pixel_valid=None):
+        """`pixel_valid`: `(N, H, W)` canvas validity (see `resnet.zero_outside`): a conv after
+        the first sees torchvision's zero padding at each image's region border."""
         init = nn.initializers.normal(0.01)  # torchvision: normal_(std=0.01), zero bias
-        conv = conv2d(features[0].shape[-1], 3, 1, 1, use_bias=True, dtype=self.dtype,
-                      kernel_init=init, name="conv")
+        convs = [conv2d(features[0].shape[-1], 3, 1, 1, use_bias=True, dtype=self.dtype,
+                        kernel_init=init, name="conv" if i == 0 else f"conv_{i}")
+                 for i in range(self.conv_depth)]
         cls_logits = conv2d(self.num_anchors, 1, use_bias=True, dtype=self.dtype,
                             kernel_init=init, name="cls_logits")
         bbox_pred = conv2d(4 * self.num_anchors, 1, use_bias=True, dtype=self.dtype,
                            kernel_init=init, name="bbox_pred")
         objectness, deltas = [], []
         for x in features:
-            t = nn.relu(conv(x))
+            t = x
+            for i, conv in enumerate(convs):
+                t = nn.relu(conv(t if i == 0 else zero_outside(t, pixel_valid)))
             n = x.shape[0]
             objectness.append(cls_logits(t).reshape(n, -1))
             deltas.append(bbox_pred(t).reshape(n, -1, 4))
@@ -68,6 +93,32 @@ class TwoMLPHead(nn.Module):
         return nn.relu(_dense(self.representation_size, self.dtype, "fc7")(x))
 
 
+class FastRCNNConvFCHead(nn.Module):
+    """torchvision `FastRCNNConvFCHead` with batch norm (v2's box head): 3x3 conv (no bias) +
+    norm + relu layers, flatten, linear + relu layers.
+
+    Call: x (R, H, W, C) pooled RoI features (NHWC, 7x7x256). Variables `conv_{i}` / `bn_{i}`
+    (torch `box_head.{i}.0` / `box_head.{i}.1`) and `fc_{j}` (the j-th Linear). Flattened in
+    (h, w, c) order (the converter permutes the first Linear's weight from torch's (c, h, w)).
+    Returns (R, fc_layers[-1]).
+    """
+
+    conv_layers: Sequence[int] = (256, 256, 256, 256)
+    fc_layers: Sequence[int] = (1024,)
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        for i, features in enumerate(self.conv_layers):
+            x = conv2d(features, 3, 1, 1, dtype=self.dtype, kernel_init=_relu_fan_out,
+                       name=f"conv_{i}")(x)
+            x = nn.relu(head_norm("frozen_bn", self.dtype, f"bn_{i}")(x))
+        x = x.reshape(x.shape[0], -1)
+        for j, features in enumerate(self.fc_layers):
+            x = nn.relu(_dense(features, self.dtype, f"fc_{j}")(x))
+        return x
+
+
 class FastRCNNPredictor(nn.Module):
     """torchvision `FastRCNNPredictor`: two linear layers on the box-head representation.
 
@@ -87,14 +138,16 @@ class FastRCNNPredictor(nn.Module):
 
 
 class MaskRCNNHeads(nn.Module):
-    """torchvision `MaskRCNNHeads`: a stack of 3x3 conv (+bias) + relu layers.
+    """torchvision `MaskRCNNHeads`: a stack of 3x3 conv (+bias) + relu layers; with
+    `norm='frozen_bn'` (v2's `norm_layer=BatchNorm2d`) conv without bias + norm + relu.
 
     Call: x (R, 14, 14, C) pooled RoI features, NHWC. Returns (R, 14, 14, layers[-1]).
-    Variables `mask_fcn{i}` are torch's `mask_head.{i-1}.0`.
+    Variables `mask_fcn{i}` are torch's `mask_head.{i-1}.0`, `mask_bn{i}` its `mask_head.{i-1}.1`.
     """
 
     layers: Sequence[int] = (256, 256, 256, 256)
     dilation: int = 1
+    norm: Optional[str] = None
     dtype: Any = None
 
     @nn.compact
@@ -104,10 +157,13 @@ class MaskRCNNHeads(nn.Module):
                 features, (3, 3),
                 padding=((self.dilation, self.dilation),) * 2,
                 kernel_dilation=(self.dilation, self.dilation),
-                dtype=self.dtype, param_dtype=jnp.float32,
+                use_bias=self.norm is None, dtype=self.dtype, param_dtype=jnp.float32,
                 kernel_init=_relu_fan_out, name=f"mask_fcn{i + 1}",
             )
-            x = nn.relu(conv(x))
+            x = conv(x)
+            if self.norm is not None:
+                x = head_norm(self.norm, self.dtype, f"mask_bn{i + 1}")(x)
+            x = nn.relu(x)
         return x
 
 

@@ -62,6 +62,13 @@ def is_cropped(masks, canvas_size, mask_format: Optional[str]) -> bool:
     return mask_format == "crops"
 
 
+def canvas_valid(canvas_hw, padded_sizes):
+    """`(B, H, W)` bool: the pixels of each image's padded region `padded_sizes (B, 2)` in a
+    canvas of `canvas_hw` (torchvision's batch tensor for that image alone)."""
+    return ((jnp.arange(canvas_hw[0])[None, :, None] < padded_sizes[:, 0, None, None])
+            & (jnp.arange(canvas_hw[1])[None, None, :] < padded_sizes[:, 1, None, None]))
+
+
 class MaskRCNN(nn.Module):
     """Mask R-CNN with an FPN backbone (torchvision `maskrcnn_resnet50_fpn` and variants).
 
@@ -80,30 +87,36 @@ class MaskRCNN(nn.Module):
         self.backbone = BACKBONES[cfg.backbone](
             dtype=dtype, norm=cfg.get("backbone_norm", "frozen_bn"),
             frozen_bn_eps=float(cfg.get("frozen_bn_eps", 1e-5)))
-        self.fpn = models.FeaturePyramidNetwork(cfg.fpn_channels, dtype=dtype)
-        self.rpn_head = models.RPNHead(num_anchors=3, dtype=dtype)
-        self.box_head = models.TwoMLPHead(cfg.box_representation_size, dtype=dtype)
+        # torchvision v2: batch norm in the FPN and heads, 2-conv RPN head, conv+fc box head.
+        # Configs saved before `architecture` existed are v1.
+        v2 = cfg.get("architecture", "v1") == "v2"
+        norm = "frozen_bn" if v2 else None
+        self.fpn = models.FeaturePyramidNetwork(cfg.fpn_channels, norm=norm, dtype=dtype)
+        self.rpn_head = models.RPNHead(num_anchors=3, conv_depth=2 if v2 else 1, dtype=dtype)
+        if v2:
+            self.box_head = models.FastRCNNConvFCHead(
+                (cfg.fpn_channels,) * 4, (cfg.box_representation_size,), dtype=dtype)
+        else:
+            self.box_head = models.TwoMLPHead(cfg.box_representation_size, dtype=dtype)
         self.box_predictor = models.FastRCNNPredictor(cfg.num_classes, dtype=dtype)
-        self.mask_head = models.MaskRCNNHeads(tuple(cfg.mask_head_layers), dtype=dtype)
+        self.mask_head = models.MaskRCNNHeads(tuple(cfg.mask_head_layers), norm=norm, dtype=dtype)
         self.mask_predictor = models.MaskRCNNPredictor(
             cfg.num_classes, cfg.mask_dim_reduced, dtype=dtype)
 
     def features(self, images, padded_sizes):
         """FPN levels P2..P6 `(B, h_l, w_l, 256)` of canvas images `(B, H, W, 3)`."""
-        height, width = images.shape[1:3]
-        pixel_valid = (
-            (jnp.arange(height)[None, :, None] < padded_sizes[:, 0, None, None])
-            & (jnp.arange(width)[None, None, :] < padded_sizes[:, 1, None, None])
-        )
+        pixel_valid = canvas_valid(images.shape[1:3], padded_sizes)
         return self.fpn(self.backbone(images, pixel_valid), pixel_valid)
 
-    def proposals(self, fpn_features, anchors, anchor_valid, image_sizes, train: bool = False):
+    def proposals(self, fpn_features, anchors, anchor_valid, image_sizes, train: bool = False,
+                  pixel_valid=None):
         """RPN head outputs and padded proposals per image (see `generate_proposals`).
 
-        `anchors` / `anchor_valid`: per level `(B, N_l, 4)` / `(B, N_l)` (`anchors_for_image`).
+        `anchors` / `anchor_valid`: per level `(B, N_l, 4)` / `(B, N_l)` (`anchors_for_image`);
+        `pixel_valid`: `canvas_valid(...)`, for a head of several convs (v2).
         """
         cfg = self.config
-        objectness, deltas = self.rpn_head(fpn_features)
+        objectness, deltas = self.rpn_head(fpn_features, pixel_valid)
 
         def one_image(obj, dlt, anc, anc_valid, image_size):
             return generate_proposals(
@@ -199,7 +212,8 @@ class MaskRCNN(nn.Module):
         feature_sizes = [f.shape[1:3] for f in fpn_features]
         anchors, anchor_valid = jax.vmap(
             lambda p: multilevel_anchors_for_image(feature_sizes, FPN_LEVELS, p))(padded_sizes)
-        rpn = self.proposals(fpn_features, anchors, anchor_valid, image_sizes, train=train)
+        rpn = self.proposals(fpn_features, anchors, anchor_valid, image_sizes, train=train,
+                             pixel_valid=canvas_valid(images.shape[1:3], padded_sizes))
         if train:
             return self._training_outputs(
                 images, image_sizes, padded_sizes, targets, key, fpn_features, anchors,

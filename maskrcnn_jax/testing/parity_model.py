@@ -11,7 +11,7 @@ import numpy as np
 
 from maskrcnn_jax.inference.predictor import Predictor
 from maskrcnn_jax.testing.images import ellipse_image
-from maskrcnn_jax.testing.torch_models import make_confident
+from maskrcnn_jax.testing.torch_models import make_confident, randomize_batch_norm
 from maskrcnn_jax.torchvision.convert import from_torchvision
 
 KWARGS = dict(num_classes=5, min_size=320, max_size=480, box_score_thresh=0.05,
@@ -25,17 +25,27 @@ def image(rng, h, w):
     return ellipse_image(rng, h, w, num_ellipses=5)
 
 
-def build():
-    """(torchvision model, Predictor of its conversion, test images)."""
+def build(architecture="v1"):
+    """(torchvision model, Predictor of its conversion, test images) for torchvision's
+    `maskrcnn_resnet50_fpn` ('v1') or `maskrcnn_resnet50_fpn_v2` ('v2'; its BatchNorm2d layers
+    in eval mode with randomised statistics, so that the norms are exercised)."""
     import torch
 
     from maskrcnn_jax.testing import import_torchvision
 
     torchvision = import_torchvision()
     torch.manual_seed(0)
-    model = torchvision.models.detection.maskrcnn_resnet50_fpn(
-        weights=None, weights_backbone=None, **KWARGS).eval()
-    make_confident(model)
+    if architecture == "v2":
+        model = torchvision.models.detection.maskrcnn_resnet50_fpn_v2(
+            weights=None, weights_backbone=None, **KWARGS).eval()
+        randomize_batch_norm(model, seed=1)
+    else:
+        model = torchvision.models.detection.maskrcnn_resnet50_fpn(
+            weights=None, weights_backbone=None, **KWARGS).eval()
+    if architecture == "v2":
+        make_confident(model, class_scale=0.1, box_scale=0.05)
+    else:
+        make_confident(model)
     config, variables = from_torchvision(model.state_dict(), canvas_size=CANVAS, **KWARGS)
     predictor = Predictor(config, variables)
     rng = np.random.default_rng(0)

@@ -5,14 +5,14 @@ import torch
 
 @torch.no_grad()
 def randomize_frozen_bn_and_biases(module, seed):
-    """Set FrozenBatchNorm2d buffers to a non-identity affine map (running_var > 0) and every
-    bias to non-zero values, so that a comparison exercises them (torchvision initialises BN to
-    the identity and many biases to zero)."""
+    """Set FrozenBatchNorm2d / BatchNorm2d parameters and buffers to a non-identity affine map
+    (running_var > 0) and every bias to non-zero values, so that a comparison exercises them
+    (torchvision initialises BN to the identity and many biases to zero)."""
     from torchvision.ops.misc import FrozenBatchNorm2d
 
     g = torch.Generator().manual_seed(seed)
     for m in module.modules():
-        if isinstance(m, FrozenBatchNorm2d):
+        if isinstance(m, (FrozenBatchNorm2d, torch.nn.BatchNorm2d)):
             c = m.weight.shape[0]
             m.weight.copy_(torch.rand(c, generator=g) + 0.5)
             m.bias.copy_(0.2 * torch.randn(c, generator=g))
@@ -46,12 +46,15 @@ def freeze_batch_norm(module, eps=1e-5):
 
 
 @torch.no_grad()
-def make_confident(model):
+def make_confident(model, class_scale=3.0, box_scale=5.0):
     """Random weights give flat scores: sharpen a Mask R-CNN's objectness, class, box and mask
-    logits so that it detects confidently (without saturating the sigmoid/softmax)."""
+    logits so that it detects confidently (without saturating the sigmoid/softmax).
+    `class_scale` / `box_scale` multiply the box predictor's weights (v2's batch-normed box head
+    gives ~100x larger features: 0.1 / 0.05 there keep its scores spread and its box deltas
+    O(1) rather than saturating the decode's clamp)."""
     model.rpn.head.cls_logits.weight.mul_(4.0)
-    model.roi_heads.box_predictor.cls_score.weight.mul_(3.0)
-    model.roi_heads.box_predictor.bbox_pred.weight.mul_(5.0)
+    model.roi_heads.box_predictor.cls_score.weight.mul_(class_scale)
+    model.roi_heads.box_predictor.bbox_pred.weight.mul_(box_scale)
     model.roi_heads.mask_predictor.mask_fcn_logits.weight.mul_(20.0)
     return model
 
@@ -173,3 +176,24 @@ def torchvision_coco_metrics(model, source, max_images=None, ground_truth=None):
                                          verbose=False)
         metrics.update({f"{iou_type}/{k}": v for k, v in stats.items()})
     return metrics, results
+
+
+@torch.no_grad()
+def randomize_batch_norm(module, seed):
+    """BatchNorm2d / FrozenBatchNorm2d to a mild random affine map near the identity (scale in
+    [0.8, 1.25], small shifts), keeping activations of a deep random network at their scale:
+    torchvision's v2 has a norm after every conv, whose identity initialisation a comparison
+    would not exercise."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, (FrozenBatchNorm2d, torch.nn.BatchNorm2d)):
+            c = m.weight.shape[0]
+            var = torch.rand(c, generator=g) + 0.5
+            scale = torch.rand(c, generator=g) * 0.45 + 0.8
+            m.weight.copy_(scale * var.sqrt())
+            m.running_var.copy_(var)
+            m.running_mean.copy_(0.1 * torch.randn(c, generator=g))
+            m.bias.copy_(0.1 * torch.randn(c, generator=g))
+    return module

@@ -60,10 +60,9 @@ def jax_stages(predictor, image, proposals=None):
     """maskrcnn_jax's stage outputs for one image; with `proposals` (torchvision's, (P, 4)) the
     box head is also run on those."""
     import jax
-    import jax.numpy as jnp
 
     from maskrcnn_jax.data.transform import preprocess
-    from maskrcnn_jax.models.maskrcnn import MaskRCNN
+    from maskrcnn_jax.models.maskrcnn import MaskRCNN, canvas_valid
 
     batch = preprocess([image], predictor.config)
     variables = predictor.variables
@@ -74,9 +73,7 @@ def jax_stages(predictor, image, proposals=None):
         inter = out.pop("intermediates")
 
         def head_on(m):
-            pixel_valid = ((jnp.arange(images.shape[1])[None, :, None] < padded_sizes[:, 0, None, None])
-                           & (jnp.arange(images.shape[2])[None, None, :] < padded_sizes[:, 1, None, None]))
-            body = m.backbone(images, pixel_valid)
+            body = m.backbone(images, canvas_valid(images.shape[1:3], padded_sizes))
             pooled = m.pool(inter["fpn"], given[None], padded_sizes, (7, 7))
             return body, m.box_outputs(pooled)
 

@@ -14,6 +14,7 @@ import re
 from maskrcnn_jax.config import STATIC_DEFAULTS, model_config
 from maskrcnn_jax.torchvision.state_dict import (
     flax_to_torchvision,
+    is_v2,
     resnet_to_flax,
     torchvision_to_flax,
 )
@@ -58,24 +59,45 @@ def _backbone_name(state_dict, prefix="backbone.body."):
 
 
 def architecture_of(state_dict) -> dict:
-    """The config keys a torchvision Mask R-CNN state dict fixes: backbone depth, class count,
-    FPN and head widths."""
+    """The config keys a torchvision Mask R-CNN state dict fixes: v1 or v2, backbone depth, class
+    count, FPN and head widths.
+
+    Raises:
+      KeyError for a key every Mask R-CNN has; ValueError for a v2-style box head other than
+      `maskrcnn_resnet50_fpn_v2`'s (four `fpn_channels`-wide convs, one Linear).
+    """
+    v2 = is_v2(state_dict)
+    fpn_channels = int(state_dict["backbone.fpn.layer_blocks.0.0.weight"].shape[0])
+    head = "roi_heads.box_head."
+    if v2:
+        convs = [int(state_dict[f"{head}{i}.0.weight"].shape[0]) for i in range(
+            sum(1 for k in state_dict if re.fullmatch(re.escape(head) + r"\d+\.0\.weight", k)))]
+        linears = [k for k in state_dict if re.fullmatch(re.escape(head) + r"\d+\.weight", k)]
+        if convs != [fpn_channels] * 4 or len(linears) != 1:
+            raise ValueError(f"box head with convs {convs} and {len(linears)} Linear layers: "
+                             f"maskrcnn_resnet50_fpn_v2 has 4 convs of {fpn_channels} and 1 Linear")
+        representation = int(state_dict[linears[0]].shape[0])
+    else:
+        representation = int(state_dict[head + "fc7.weight"].shape[0])
+    mask_conv = re.compile(r"roi_heads\.mask_head\.(\d+)\.0\.weight$")
     return {
+        "architecture": "v2" if v2 else "v1",
         "backbone": _backbone_name(state_dict),
         "num_classes": int(state_dict["roi_heads.box_predictor.cls_score.weight"].shape[0]),
-        "fpn_channels": int(state_dict["backbone.fpn.layer_blocks.0.0.weight"].shape[0]),
-        "box_representation_size": int(state_dict["roi_heads.box_head.fc7.weight"].shape[0]),
+        "fpn_channels": fpn_channels,
+        "box_representation_size": representation,
         "mask_head_layers": tuple(
-            int(v.shape[0]) for k, v in state_dict.items()
-            if k.startswith("roi_heads.mask_head.") and k.endswith(".weight")),
+            int(v.shape[0]) for k, v in sorted(
+                ((k, v) for k, v in state_dict.items() if mask_conv.match(k)),
+                key=lambda kv: int(mask_conv.match(kv[0]).group(1)))),
         "mask_dim_reduced": int(
             state_dict["roi_heads.mask_predictor.conv5_mask.weight"].shape[1]),
     }
 
 
 def from_torchvision(state_dict, frozen_bn_eps=STATIC_DEFAULTS["frozen_bn_eps"], **kwargs):
-    """(config, variables) reproducing torchvision's `maskrcnn_resnet50_fpn(**kwargs)` with this
-    state dict.
+    """(config, variables) reproducing torchvision's `maskrcnn_resnet50_fpn(**kwargs)` (or
+    `maskrcnn_resnet50_fpn_v2(**kwargs)`, recognised from the keys) with this state dict.
 
     Args:
       state_dict: a torchvision Mask R-CNN state dict (torch tensors or arrays).
@@ -88,8 +110,11 @@ def from_torchvision(state_dict, frozen_bn_eps=STATIC_DEFAULTS["frozen_bn_eps"],
         box_score_thresh, box_nms_thresh, box_detections_per_img, rpn_pre_nms_top_n_test, ...),
         plus maskrcnn_jax's static settings (canvas_size, box_pre_nms_top_n, compute_dtype).
 
-    The architecture (backbone depth, `num_classes`, FPN and head widths) is read from the state
-    dict (`architecture_of`); a keyword that disagrees with it is an error.
+    The architecture (v1 or v2, backbone depth, `num_classes`, FPN and head widths) is read from
+    the state dict (`architecture_of`); a keyword that disagrees with it (e.g.
+    `architecture="v2"` for a v1 state dict) is an error. v2's BatchNorm2d layers (backbone, FPN
+    and heads) run with their running statistics, as torchvision in eval mode; the backbone's
+    eps is `frozen_bn_eps` (1e-5, BatchNorm2d's, is right for v2's official weights).
 
     Raises:
       ValueError: if a keyword disagrees with the state dict's architecture (naming both
@@ -136,7 +161,8 @@ def to_torchvision(config, variables):
     check_torchvision_architecture(config)
     state_dict = flax_to_torchvision(variables)
     for key, value in architecture_of(state_dict).items():
-        expected = tuple(config[key]) if key == "mask_head_layers" else config[key]
+        expected = (tuple(config[key]) if key == "mask_head_layers" else
+                    config.get("architecture", "v1") if key == "architecture" else config[key])
         if value != expected:
             raise ValueError(f"config {key}={expected!r} but the variables have {value!r}")
     return {k: torch.from_numpy(v) for k, v in state_dict.items()}

@@ -126,15 +126,19 @@ def _convert_resnet(reader, prefix):
 
 
 def _convert_fpn(reader, prefix, in_channels_list):
-    """FPN under `prefix` -> (params, out_channels)."""
-    params, out_channels = {}, None
-    for i, in_channels in enumerate(in_channels_list):
-        params[f"inner_blocks_{i}"], out_channels = _conv(
-            reader, prefix + f"inner_blocks.{i}.0.", in_channels, 1, out_channels, bias=True)
-    for i in range(len(in_channels_list)):
-        params[f"layer_blocks_{i}"], _ = _conv(
-            reader, prefix + f"layer_blocks.{i}.0.", out_channels, 3, out_channels, bias=True)
-    return params, out_channels
+    """FPN under `prefix` -> (params, batch_stats, out_channels). v1: convs with bias; v2
+    (`norm_layer=BatchNorm2d`): convs without bias, each followed by a norm (`{i}.1`)."""
+    params, stats, out_channels = {}, {}, None
+    norm = reader.has(prefix + "inner_blocks.0.1.weight")
+    for kind, kernel_size in (("inner", 1), ("layer", 3)):
+        for i, in_channels in enumerate(in_channels_list):
+            key = f"{prefix}{kind}_blocks.{i}."
+            params[f"{kind}_blocks_{i}"], out_channels = _conv(
+                reader, key + "0.", in_channels if kind == "inner" else out_channels, kernel_size,
+                out_channels, bias=not norm)
+            if norm:
+                stats[f"{kind}_bn_{i}"] = _batch_norm(reader, key + "1.", out_channels)
+    return params, stats, out_channels
 
 
 def resnet_to_flax(state_dict):
@@ -158,13 +162,22 @@ def backbone_with_fpn_to_flax(state_dict):
     for `models.ResNet` and `models.FeaturePyramidNetwork`."""
     reader = _StateDictReader(state_dict)
     body, stats, widths = _convert_resnet(reader, "body.")
-    fpn, _ = _convert_fpn(reader, "fpn.", widths)
+    fpn, fpn_stats, _ = _convert_fpn(reader, "fpn.", widths)
     reader.check_all_used()
-    return {"params": {"backbone": body, "fpn": fpn}, "batch_stats": {"backbone": stats}}
+    batch_stats = {"backbone": stats, **({"fpn": fpn_stats} if fpn_stats else {})}
+    return {"params": {"backbone": body, "fpn": fpn}, "batch_stats": batch_stats}
+
+
+def is_v2(state_dict) -> bool:
+    """Whether a torchvision Mask R-CNN state dict is `maskrcnn_resnet50_fpn_v2`'s architecture
+    (a `FastRCNNConvFCHead` box head, no `fc6`) rather than v1's."""
+    return ("roi_heads.box_head.fc6.weight" not in state_dict
+            and "roi_heads.box_head.0.0.weight" in state_dict)
 
 
 def torchvision_to_flax(state_dict, num_classes=None):
-    """torchvision `maskrcnn_resnet50_fpn` (v1) state dict -> Flax variables.
+    """torchvision `maskrcnn_resnet50_fpn` (v1) or `maskrcnn_resnet50_fpn_v2` state dict ->
+    Flax variables (the architecture is read from the keys, see `is_v2`).
 
     Args:
       state_dict: `model.state_dict()` (torch tensors) or a mapping of the same keys to arrays.
@@ -173,25 +186,33 @@ def torchvision_to_flax(state_dict, num_classes=None):
     Returns:
       {'params': {'backbone', 'fpn', 'rpn_head', 'box_head', 'box_predictor', 'mask_head',
                   'mask_predictor'},
-       'batch_stats': {'backbone'}} of float32 NumPy arrays, for the modules `ResNet`,
-      `FeaturePyramidNetwork`, `RPNHead`, `TwoMLPHead`, `FastRCNNPredictor`, `MaskRCNNHeads`,
-      `MaskRCNNPredictor` bound under those names.
+       'batch_stats': {'backbone'} (v2 also 'fpn', 'box_head', 'mask_head')} of float32 NumPy
+      arrays, for the modules `ResNet`, `FeaturePyramidNetwork`, `RPNHead`, `TwoMLPHead` (v2:
+      `FastRCNNConvFCHead`), `FastRCNNPredictor`, `MaskRCNNHeads`, `MaskRCNNPredictor` bound
+      under those names.
     Raises:
       KeyError naming a missing key; ValueError naming unexpected keys or a shape mismatch.
     """
     reader = _StateDictReader(state_dict)
-    params = {}
-    params["backbone"], backbone_stats, widths = _convert_resnet(reader, "backbone.body.")
-    params["fpn"], channels = _convert_fpn(reader, "backbone.fpn.", widths)
+    params, stats = {}, {}
+    params["backbone"], stats["backbone"], widths = _convert_resnet(reader, "backbone.body.")
+    params["fpn"], fpn_stats, channels = _convert_fpn(reader, "backbone.fpn.", widths)
 
     rpn = {}
-    rpn["conv"], _ = _conv(reader, "rpn.head.conv.0.0.", channels, 3, channels, bias=True)
+    for i in range(max(reader.count("rpn.head.conv.{}.0.weight"), 1)):
+        rpn["conv" if i == 0 else f"conv_{i}"], _ = _conv(
+            reader, f"rpn.head.conv.{i}.0.", channels, 3, channels, bias=True)
     rpn["cls_logits"], num_anchors = _conv(reader, "rpn.head.cls_logits.", channels, 1, bias=True)
     rpn["bbox_pred"], _ = _conv(reader, "rpn.head.bbox_pred.", channels, 1, 4 * num_anchors,
                                 bias=True)
     params["rpn_head"] = rpn
 
-    params["box_head"], representation = _convert_box_head(reader, "roi_heads.box_head.", channels)
+    if is_v2(state_dict):
+        params["box_head"], box_stats, representation = _convert_conv_fc_head(
+            reader, "roi_heads.box_head.", channels)
+    else:
+        (params["box_head"], representation), box_stats = _convert_box_head(
+            reader, "roi_heads.box_head.", channels), {}
     params["box_predictor"] = {
         "cls_score": _linear(reader, "roi_heads.box_predictor.cls_score.", representation,
                              num_classes),
@@ -200,10 +221,14 @@ def torchvision_to_flax(state_dict, num_classes=None):
     params["box_predictor"]["bbox_pred"] = _linear(
         reader, "roi_heads.box_predictor.bbox_pred.", representation, 4 * num_classes)
 
-    mask_head, mask_channels = {}, channels
+    mask_head, mask_stats, mask_channels = {}, {}, channels
+    norm = reader.has("roi_heads.mask_head.0.1.weight")
     for i in range(reader.count("roi_heads.mask_head.{}.0.weight")):
+        key = f"roi_heads.mask_head.{i}."
         mask_head[f"mask_fcn{i + 1}"], mask_channels = _conv(
-            reader, f"roi_heads.mask_head.{i}.0.", mask_channels, 3, bias=True)
+            reader, key + "0.", mask_channels, 3, bias=not norm)
+        if norm:
+            mask_stats[f"mask_bn{i + 1}"] = _batch_norm(reader, key + "1.", mask_channels)
     if not mask_head:
         raise KeyError("missing key in state dict: 'roi_heads.mask_head.0.0.weight'")
     params["mask_head"] = mask_head
@@ -220,22 +245,53 @@ def torchvision_to_flax(state_dict, num_classes=None):
         "mask_fcn_logits": logits,
     }
     reader.check_all_used()
-    return {"params": params, "batch_stats": {"backbone": backbone_stats}}
+    for name, tree in (("fpn", fpn_stats), ("box_head", box_stats), ("mask_head", mask_stats)):
+        if tree:
+            stats[name] = tree
+    return {"params": params, "batch_stats": stats}
+
+
+def _nchw_flatten_to_nhwc(weight, channels, key):
+    """A Linear weight (O, C*S*S) reading torch's (c, h, w) flatten -> kernel (S*S*C, O) reading
+    the NHWC (h, w, c) flatten."""
+    out_features, in_features = weight.shape
+    size = math.isqrt(in_features // channels)
+    if size * size * channels != in_features:
+        raise ValueError(f"shape mismatch for {key!r}: in_features {in_features} is not "
+                         f"{channels} * S * S")
+    return (weight.reshape(out_features, channels, size, size)
+            .transpose(2, 3, 1, 0).reshape(in_features, out_features))
 
 
 def _convert_box_head(reader, prefix, channels):
     """TwoMLPHead: permute fc6's input axis from torch's (c, h, w) flatten to NHWC (h, w, c)."""
     fc6 = reader.take(prefix + "fc6.weight", (None, None))
-    out_features, in_features = fc6.shape
-    size = math.isqrt(in_features // channels)
-    if size * size * channels != in_features:
-        raise ValueError(f"shape mismatch for {prefix + 'fc6.weight'!r}: in_features "
-                         f"{in_features} is not {channels} * S * S")
-    kernel = (fc6.reshape(out_features, channels, size, size)
-              .transpose(2, 3, 1, 0).reshape(in_features, out_features))
-    fc6_params = {"kernel": kernel, "bias": reader.take(prefix + "fc6.bias", (out_features,))}
+    out_features = fc6.shape[0]
+    fc6_params = {"kernel": _nchw_flatten_to_nhwc(fc6, channels, prefix + "fc6.weight"),
+                  "bias": reader.take(prefix + "fc6.bias", (out_features,))}
     fc7 = _linear(reader, prefix + "fc7.", out_features, out_features)
     return {"fc6": fc6_params, "fc7": fc7}, out_features
+
+
+def _convert_conv_fc_head(reader, prefix, channels):
+    """FastRCNNConvFCHead (v2): `{i}.0` conv (no bias) + `{i}.1` norm for i < n, `n` Flatten,
+    then Linear + ReLU pairs at `n+1`, `n+3`, ... -> (params, batch_stats, representation)."""
+    params, stats = {}, {}
+    n = reader.count(prefix + "{}.0.weight")
+    for i in range(n):
+        params[f"conv_{i}"], channels = _conv(reader, f"{prefix}{i}.0.", channels, 3)
+        stats[f"bn_{i}"] = _batch_norm(reader, f"{prefix}{i}.1.", channels)
+    j, index, features = 0, n + 1, None
+    while reader.has(f"{prefix}{index}.weight"):
+        key = f"{prefix}{index}."
+        weight = reader.take(key + "weight", (None, None if j == 0 else features))
+        kernel = _nchw_flatten_to_nhwc(weight, channels, key + "weight") if j == 0 else weight.T
+        features = weight.shape[0]
+        params[f"fc_{j}"] = {"kernel": kernel, "bias": reader.take(key + "bias", (features,))}
+        j, index = j + 1, index + 2
+    if j == 0:
+        raise KeyError(f"missing key in state dict: {prefix + str(n + 1) + '.weight'!r}")
+    return params, stats, features
 
 
 class _TreeReader:
@@ -292,17 +348,20 @@ def _torch_batch_norm(reader, path, key, out):
 
 
 def flax_to_torchvision(variables):
-    """Flax variables of `MaskRCNN` (ResNet + FrozenBatchNorm backbone) -> torchvision state dict.
+    """Flax variables of `MaskRCNN` (ResNet + FrozenBatchNorm backbone, v1 or v2) -> torchvision
+    state dict.
 
     The inverse of `torchvision_to_flax`: `torchvision_to_flax(flax_to_torchvision(v))` equals `v`
-    bit for bit.
+    bit for bit. v2 variables (a box head without `fc6`, norms in `batch_stats/fpn`, ...) give
+    `maskrcnn_resnet50_fpn_v2`'s keys.
 
     Args:
       variables: `{'params': {'backbone', 'fpn', 'rpn_head', 'box_head', 'box_predictor',
-        'mask_head', 'mask_predictor'}, 'batch_stats': {'backbone'}}` (NumPy or JAX arrays).
+        'mask_head', 'mask_predictor'}, 'batch_stats': {'backbone', ...}}` (NumPy or JAX arrays).
     Returns:
       `{torchvision key: float32 NumPy array}` (C-contiguous) for a torchvision `MaskRCNN` whose
-      backbone uses FrozenBatchNorm2d (no `num_batches_tracked` entries).
+      norms are FrozenBatchNorm2d (no `num_batches_tracked` entries; `load_state_dict` of a
+      BatchNorm2d model accepts it with `strict=False`, or add them).
     Raises:
       KeyError naming a missing variable; ValueError naming variables torchvision has no place
       for (e.g. a GroupNorm backbone's scales) or a leaf of the wrong rank.
@@ -328,35 +387,56 @@ def flax_to_torchvision(variables):
         if j == 0:
             raise KeyError(f"missing variable: 'backbone/layer{i}_0'")
     fpn_channels = None
-    for kind in ("inner_blocks", "layer_blocks"):
+    for kind in ("inner", "layer"):
         i = 0
-        while params.has(f"fpn/{kind}_{i}"):
-            _torch_conv(params, f"fpn/{kind}_{i}", f"backbone.fpn.{kind}.{i}.0.", out)
-            fpn_channels = out[f"backbone.fpn.{kind}.{i}.0.weight"].shape[0]
+        while params.has(f"fpn/{kind}_blocks_{i}"):
+            key = f"backbone.fpn.{kind}_blocks.{i}."
+            _torch_conv(params, f"fpn/{kind}_blocks_{i}", key + "0.", out)
+            if stats.has(f"fpn/{kind}_bn_{i}"):
+                _torch_batch_norm(stats, f"fpn/{kind}_bn_{i}", key + "1.", out)
+            fpn_channels = out[key + "0.weight"].shape[0]
             i += 1
+    if fpn_channels is None:
+        raise KeyError("missing variable: 'fpn/layer_blocks_0'")
     _torch_conv(params, "rpn_head/conv", "rpn.head.conv.0.0.", out)
+    i = 1
+    while params.has(f"rpn_head/conv_{i}"):
+        _torch_conv(params, f"rpn_head/conv_{i}", f"rpn.head.conv.{i}.0.", out)
+        i += 1
     _torch_conv(params, "rpn_head/cls_logits", "rpn.head.cls_logits.", out)
     _torch_conv(params, "rpn_head/bbox_pred", "rpn.head.bbox_pred.", out)
 
-    # fc6: NHWC-flattened rows (h, w, c) back to torch's (c, h, w) flatten.
-    kernel = params.take("box_head/fc6/kernel", 2)
-    in_features, out_features = kernel.shape
-    if fpn_channels is None:
-        raise KeyError("missing variable: 'fpn/layer_blocks_0'")
-    size = math.isqrt(in_features // fpn_channels)
-    if size * size * fpn_channels != in_features:
-        raise ValueError(f"variable 'box_head/fc6/kernel' has {in_features} inputs, not "
-                         f"{fpn_channels} * S * S")
-    out["roi_heads.box_head.fc6.weight"] = (
-        kernel.reshape(size, size, fpn_channels, out_features)
-        .transpose(3, 2, 0, 1).reshape(out_features, in_features))
-    out["roi_heads.box_head.fc6.bias"] = params.take("box_head/fc6/bias", 1)
-    _torch_linear(params, "box_head/fc7", "roi_heads.box_head.fc7.", out)
+    head = "roi_heads.box_head."
+    if params.has("box_head/fc6"):
+        out[head + "fc6.weight"] = _nhwc_flatten_to_nchw(params, "box_head/fc6/kernel",
+                                                         fpn_channels)
+        out[head + "fc6.bias"] = params.take("box_head/fc6/bias", 1)
+        _torch_linear(params, "box_head/fc7", head + "fc7.", out)
+    else:  # FastRCNNConvFCHead (v2)
+        n, channels = 0, fpn_channels
+        while params.has(f"box_head/conv_{n}"):
+            _torch_conv(params, f"box_head/conv_{n}", f"{head}{n}.0.", out)
+            _torch_batch_norm(stats, f"box_head/bn_{n}", f"{head}{n}.1.", out)
+            channels = out[f"{head}{n}.0.weight"].shape[0]
+            n += 1
+        j = 0
+        while params.has(f"box_head/fc_{j}"):
+            key = f"{head}{n + 1 + 2 * j}."
+            if j == 0:
+                out[key + "weight"] = _nhwc_flatten_to_nchw(params, "box_head/fc_0/kernel",
+                                                            channels)
+                out[key + "bias"] = params.take("box_head/fc_0/bias", 1)
+            else:
+                _torch_linear(params, f"box_head/fc_{j}", key, out)
+            j += 1
     _torch_linear(params, "box_predictor/cls_score", "roi_heads.box_predictor.cls_score.", out)
     _torch_linear(params, "box_predictor/bbox_pred", "roi_heads.box_predictor.bbox_pred.", out)
     i = 1
     while params.has(f"mask_head/mask_fcn{i}"):
         _torch_conv(params, f"mask_head/mask_fcn{i}", f"roi_heads.mask_head.{i - 1}.0.", out)
+        if stats.has(f"mask_head/mask_bn{i}"):
+            _torch_batch_norm(stats, f"mask_head/mask_bn{i}", f"roi_heads.mask_head.{i - 1}.1.",
+                              out)
         i += 1
     _torch_conv(params, "mask_predictor/conv5_mask", "roi_heads.mask_predictor.conv5_mask.", out)
     _torch_conv(params, "mask_predictor/mask_fcn_logits",
@@ -366,5 +446,17 @@ def flax_to_torchvision(variables):
     return {k: np.array(v, dtype=np.float32, order="C") for k, v in out.items()}  # copies
 
 
-__all__ = ["backbone_with_fpn_to_flax", "flax_to_torchvision", "resnet_to_flax",
+def _nhwc_flatten_to_nchw(reader, path, channels):
+    """A kernel (S*S*C, O) reading the NHWC (h, w, c) flatten -> torch's Linear weight
+    (O, C*S*S) reading the (c, h, w) flatten (the inverse of `_nchw_flatten_to_nhwc`)."""
+    kernel = reader.take(path, 2)
+    in_features, out_features = kernel.shape
+    size = math.isqrt(in_features // channels)
+    if size * size * channels != in_features:
+        raise ValueError(f"variable {path!r} has {in_features} inputs, not {channels} * S * S")
+    return (kernel.reshape(size, size, channels, out_features)
+            .transpose(3, 2, 0, 1).reshape(out_features, in_features))
+
+
+__all__ = ["backbone_with_fpn_to_flax", "flax_to_torchvision", "is_v2", "resnet_to_flax",
            "torchvision_to_flax"]

@@ -1,4 +1,5 @@
-"""End-to-end parity with torchvision's `maskrcnn_resnet50_fpn` on converted weights.
+"""End-to-end parity with torchvision's `maskrcnn_resnet50_fpn` and `maskrcnn_resnet50_fpn_v2`
+on converted weights (every test runs for both architectures).
 
 The torchvision model is built with random weights (fixed seed) and made to detect confidently by
 scaling its objectness and classifier logits; converted with `from_torchvision`; both run on
@@ -15,9 +16,15 @@ from maskrcnn_jax.testing.matching import match_rows
 from maskrcnn_jax.testing.parity_model import image as _image
 
 
+@pytest.fixture(scope="module", params=["v1", "v2"])
+def arch_models(request):
+    """(torchvision model, Predictor, images) of v1 (`models`) or v2 (`models_v2`)."""
+    return request.getfixturevalue("models" if request.param == "v1" else "models_v2")
+
+
 @pytest.fixture(scope="module")
-def torch_outputs(models):
-    model, _, images = models
+def torch_outputs(arch_models):
+    model, _, images = arch_models
     outs = []
     with torch.no_grad():
         for image in images:
@@ -33,16 +40,17 @@ def torch_outputs(models):
 
 
 @pytest.fixture(scope="module")
-def jax_stages(models):
+def jax_stages(arch_models):
     """The JAX model's stage outputs for each image (a batch of one, as torchvision)."""
     import jax
 
     from maskrcnn_jax.data.transform import preprocess
+    from maskrcnn_jax.models.maskrcnn import canvas_valid
 
-    _, predictor, images = models
+    _, predictor, images = arch_models
     apply = jax.jit(lambda v, *a: predictor.model.apply(v, *a, return_intermediates=True))
     bodies = jax.jit(lambda v, x, p: predictor.model.apply(
-        v, x, p, method=lambda m, x, p: m.backbone(x, _pixel_valid(x, p))))
+        v, x, p, method=lambda m, x, p: m.backbone(x, canvas_valid(x.shape[1:3], p))))
     outs = []
     for image in images:
         batch = preprocess([image], predictor.config)
@@ -53,19 +61,12 @@ def jax_stages(models):
     return outs
 
 
-def _pixel_valid(x, padded):
-    import jax.numpy as jnp
-
-    return ((jnp.arange(x.shape[1])[None, :, None] < padded[:, 0, None, None])
-            & (jnp.arange(x.shape[2])[None, None, :] < padded[:, 1, None, None]))
-
-
 def _rel_err(ours, theirs):
     theirs = np.asarray(theirs)
     return float(np.abs(np.asarray(ours) - theirs).max() / max(np.abs(theirs).max(), 1e-12))
 
 
-def test_resized_input_matches(models, torch_outputs, jax_stages):
+def test_resized_input_matches(torch_outputs, jax_stages):
     for tv, jx in zip(torch_outputs, jax_stages):
         tensor = tv["image_list"].tensors[0].permute(1, 2, 0).numpy()
         h, w = tensor.shape[:2]
@@ -103,29 +104,39 @@ def test_rpn_proposals_same_set(torch_outputs, jax_stages):
         ours = jx["intermediates"]["proposals"][0][valid]
         assert len(ours) == len(theirs) > 20
         # The same boxes (any order among near-equal scores), up to float32 rounding of the
-        # decode (coordinates of a few hundred px with deltas through exp).
-        match = match_rows(ours, theirs, tol=1e-2)
-        assert (match >= 0).all(), f"unmatched torchvision proposals {np.where(match < 0)[0]}"
+        # decode (coordinates of a few hundred px with deltas through exp; v2's deeper RPN
+        # head and normed FPN: ~1e-2 px seen).
+        match = match_rows(ours, theirs, tol=2e-2)
+        nearest = np.abs(theirs[:, None] - ours[None]).max(-1).min(1)
+        assert (match >= 0).all(), (f"unmatched torchvision proposals {np.where(match < 0)[0]}: "
+                                    f"nearest of ours {nearest[match < 0]}")
 
 
-def test_detections_match(models, torch_outputs):
-    _, predictor, images = models
+# (box px, score, mask MAE). The v1 test model's box deltas are sharpened 5x (`make_confident`)
+# into the decode's exp clamp, where float32 rounding of the deltas moves boxes by up to ~0.03 px;
+# the v2 model keeps its deltas O(1).
+TOLERANCES = {"v1": (0.05, 1e-3, 1e-3), "v2": (0.01, 1e-4, 1e-4)}
+
+
+def test_detections_match(request, arch_models, torch_outputs):
+    _, predictor, images = arch_models
+    box_tol, score_tol, mask_tol = TOLERANCES[request.node.callspec.params["arch_models"]]
     outputs = predictor(images)
     for tv, ours in zip(torch_outputs, outputs):
         theirs = {k: v.numpy() for k, v in tv["detections"].items()}
         assert len(theirs["boxes"]) >= 5, "the reference model must detect something"
         assert theirs["scores"].max() > 0.5, "... and confidently"
         assert len(ours["boxes"]) == len(theirs["boxes"])
-        # One-to-one: same label, box within 0.05 px.
+        # One-to-one: same label, box within box_tol px, score and mask MAE within tolerance.
         keyed = lambda d: np.concatenate([d["boxes"], 1e4 * d["labels"][:, None]], 1)  # noqa: E731
-        match = match_rows(keyed(ours), keyed(theirs), tol=0.05)
+        match = match_rows(keyed(ours), keyed(theirs), tol=box_tol)
         assert (match >= 0).all(), f"unmatched torchvision detections {np.where(match < 0)[0]}"
         np.testing.assert_array_equal(ours["labels"][match], theirs["labels"])
-        np.testing.assert_allclose(ours["boxes"][match], theirs["boxes"], atol=0.05, rtol=0)
-        np.testing.assert_allclose(ours["scores"][match], theirs["scores"], atol=1e-3, rtol=0)
+        np.testing.assert_allclose(ours["boxes"][match], theirs["boxes"], atol=box_tol, rtol=0)
+        np.testing.assert_allclose(ours["scores"][match], theirs["scores"], atol=score_tol, rtol=0)
         assert ours["masks"].shape == theirs["masks"].shape
         mae = np.abs(ours["masks"][match] - theirs["masks"]).mean(axis=(1, 2, 3))
-        assert mae.max() <= 1e-3, f"mask MAE {mae.max():.2e}"
+        assert mae.max() <= mask_tol, f"mask MAE {mae.max():.2e}"
 
 
 @pytest.mark.slow
