@@ -80,7 +80,11 @@ def torchvision_maskrcnn(config):
     `fpn_channels` (as `_resnet_fpn_extractor`, LastLevelMaxPool),
     `RPNHead(fpn_channels, 3)`, `TwoMLPHead(fpn_channels * 7 * 7, box_representation_size)`,
     `FastRCNNPredictor`, `MaskRCNNHeads(fpn_channels, mask_head_layers, 1)`,
-    `MaskRCNNPredictor(mask_head_layers[-1], mask_dim_reduced, num_classes)`. The resize
+    `MaskRCNNPredictor(mask_head_layers[-1], mask_dim_reduced, num_classes)`; for
+    `architecture='v2'` as `maskrcnn_resnet50_fpn_v2`: FPN and mask head with
+    `norm_layer=FrozenBatchNorm2d`, `RPNHead(conv_depth=2)`, `FastRCNNConvFCHead((fpn_channels,
+    7, 7), [fpn_channels] * 4, [box_representation_size], norm_layer=FrozenBatchNorm2d)` (v2's
+    BatchNorm2d layers as they run in eval mode). The resize
     (`min_size`, `max_size`, `size_divisible`), normalization, RPN and box thresholds, and the
     RPN's minimum box size (`rpn_min_size`) follow the config. maskrcnn_jax's
     `box_pre_nms_top_n` has no torchvision counterpart (torchvision keeps every candidate above
@@ -91,7 +95,11 @@ def torchvision_maskrcnn(config):
 
     torchvision = import_torchvision()
     from torchvision.models.detection import backbone_utils
-    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from torchvision.models.detection.faster_rcnn import (
+        FastRCNNConvFCHead,
+        FastRCNNPredictor,
+        TwoMLPHead,
+    )
     from torchvision.models.detection.mask_rcnn import (
         MaskRCNN,
         MaskRCNNHeads,
@@ -112,21 +120,26 @@ def torchvision_maskrcnn(config):
     # As `_resnet_fpn_extractor` (C2..C5 into the FPN, LastLevelMaxPool), which fixes 256
     # channels.
     channels = int(config.fpn_channels)
+    representation = int(config.box_representation_size)
+    v2 = config.get("architecture", "v1") == "v2"
+    norm = FrozenBatchNorm2d if v2 else None
     stage2 = body.inplanes // 8
     backbone = backbone_utils.BackboneWithFPN(
         body, {f"layer{k}": str(k - 1) for k in range(1, 5)},
-        [stage2 * 2 ** (k - 1) for k in range(1, 5)], channels)
+        [stage2 * 2 ** (k - 1) for k in range(1, 5)], channels, norm_layer=norm)
     layers = tuple(int(c) for c in config.mask_head_layers)
     kwargs = {k: config[k] for k in _TORCHVISION_KWARGS}
     for key in ("image_mean", "image_std", "bbox_reg_weights"):
         kwargs[key] = list(kwargs[key])
+    box_head = (FastRCNNConvFCHead((channels, 7, 7), [channels] * 4, [representation],
+                                   norm_layer=norm) if v2 else
+                TwoMLPHead(channels * 7 * 7, representation))
     model = MaskRCNN(
         backbone, num_classes=None,
-        rpn_head=RPNHead(channels, 3),
-        box_head=TwoMLPHead(channels * 7 * 7, int(config.box_representation_size)),
-        box_predictor=FastRCNNPredictor(int(config.box_representation_size),
-                                        int(config.num_classes)),
-        mask_head=MaskRCNNHeads(channels, layers, 1),
+        rpn_head=RPNHead(channels, 3, conv_depth=2 if v2 else 1),
+        box_head=box_head,
+        box_predictor=FastRCNNPredictor(representation, int(config.num_classes)),
+        mask_head=MaskRCNNHeads(channels, layers, 1, norm_layer=norm),
         mask_predictor=MaskRCNNPredictor(layers[-1], int(config.mask_dim_reduced),
                                          int(config.num_classes)),
         **kwargs)

@@ -50,8 +50,9 @@ def test_convert_cli_round_trip(models, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_compare_report(models, tmp_path, capsys):
-    model, _, images = models
+@pytest.mark.parametrize("fixture", ["models", "models_v2"])
+def test_compare_report(request, fixture, tmp_path, capsys):
+    model, _, images = request.getfixturevalue(fixture)
     image_path = tmp_path / "image.png"
     Image.fromarray(images[0]).save(image_path)
     _convert(model, tmp_path, "--compare", str(image_path))

@@ -224,13 +224,14 @@ def _random_variables(config, seed):
         shapes)
 
 
-@pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])
-def test_to_torchvision_round_trip_is_exact(backbone):
+@pytest.mark.parametrize("backbone,architecture",
+                         [("resnet18", "v1"), ("resnet50", "v1"), ("resnet18", "v2")])
+def test_to_torchvision_round_trip_is_exact(backbone, architecture):
     from maskrcnn_jax.config import model_config
     from maskrcnn_jax.testing.torch_models import torchvision_maskrcnn
     from maskrcnn_jax.torchvision.convert import from_torchvision, to_torchvision
 
-    config = model_config(**dict(SMALL, backbone=backbone))
+    config = model_config(**dict(SMALL, backbone=backbone, architecture=architecture))
     variables = _random_variables(config, seed=3)
     state_dict = to_torchvision(config, variables)
     assert all(v.dtype == torch.float32 for v in state_dict.values())
@@ -240,7 +241,7 @@ def test_to_torchvision_round_trip_is_exact(backbone):
     assert model.backbone.fpn.layer_blocks[0][0].out_channels == 32
     assert len(model.roi_heads.mask_head) == 2
     back_config, back = from_torchvision(model.state_dict(), **dict(SMALL, backbone=backbone))
-    assert back_config == config
+    assert back_config == config  # architecture included: read from the keys
     assert shape_tree(back) == shape_tree(variables)
     jax.tree_util.tree_map(np.testing.assert_array_equal, back, variables)
 
@@ -320,3 +321,56 @@ def test_torchvision_runs_converted_weights_as_we_do():
         assert len(mae) == 0 or mae.max() <= 1e-3
         total += len(theirs["boxes"])
     assert total >= 10, "the model must detect something for the comparison to mean anything"
+
+
+@pytest.fixture(scope="module")
+def state_dict_v2():
+    """The real maskrcnn_resnet50_fpn_v2 keys (BatchNorm2d everywhere, num_batches_tracked)."""
+    torch.manual_seed(0)
+    model = torchvision.models.detection.maskrcnn_resnet50_fpn_v2(
+        weights=None, weights_backbone=None, num_classes=NUM_CLASSES)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_v2_is_recognised_and_matches_the_v2_model(state_dict_v2):
+    """`from_torchvision` reads v2 from the keys; its tree is exactly `MaskRCNN(v2 config)`'s
+    (paths and shapes: BN buffers of the FPN and heads in 'batch_stats', the 2-conv RPN head and
+    FastRCNNConvFCHead), every tensor used once, and the inverse gives torchvision's keys back
+    bit for bit."""
+    from maskrcnn_jax.models.maskrcnn import variable_shapes
+    from maskrcnn_jax.torchvision.convert import architecture_of, from_torchvision, to_torchvision
+
+    assert architecture_of(state_dict_v2)["architecture"] == "v2"
+    config, variables = from_torchvision(state_dict_v2)
+    assert config.architecture == "v2" and config.mask_head_layers == (256,) * 4
+    assert sorted(variables["batch_stats"]) == ["backbone", "box_head", "fpn", "mask_head"]
+    assert sorted(variables["params"]["rpn_head"]) == ["bbox_pred", "cls_logits", "conv", "conv_1"]
+    got = {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
+           for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]}
+    assert got == variable_shapes(config)
+    # The v1 model's tree is a different one: the check above can fail.
+    v1 = config.copy_and_resolve_references()
+    v1.architecture = "v1"
+    assert got != variable_shapes(v1)
+    tensors = {k: v for k, v in state_dict_v2.items() if not k.endswith("num_batches_tracked")}
+    assert sum(int(np.prod(s)) for s in got.values()) == sum(v.numel() for v in tensors.values())
+    back = to_torchvision(config, variables)
+    assert sorted(back) == sorted(tensors)
+    for key, value in tensors.items():
+        assert torch.equal(back[key], value), key
+
+
+def test_v2_keyword_and_shape_errors(state_dict, state_dict_v2):
+    from maskrcnn_jax.torchvision.convert import from_torchvision
+
+    with pytest.raises(ValueError, match="architecture='v2' given, but the state dict has 'v1'"):
+        from_torchvision(state_dict, architecture="v2")
+    with pytest.raises(ValueError, match="architecture='v1' given, but the state dict has 'v2'"):
+        from_torchvision(state_dict_v2, architecture="v1")
+    bad = dict(state_dict_v2)
+    bad["roi_heads.box_head.2.1.running_var"] = torch.ones(128)
+    with pytest.raises(ValueError, match=r"roi_heads\.box_head\.2\.1\.running_var.*\(128,\)"):
+        from_torchvision(bad)
+    missing = {k: v for k, v in state_dict_v2.items() if k != "backbone.fpn.layer_blocks.1.1.bias"}
+    with pytest.raises(KeyError, match=r"backbone\.fpn\.layer_blocks\.1\.1\.bias"):
+        from_torchvision(missing)
