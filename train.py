@@ -5,7 +5,8 @@ checkpoints that resume exactly.
 
 Re-running with the same workdir resumes from the latest checkpoint (parameters, optimizer state,
 step, data position; the PRNG key of a step depends only on the seed and the step). SIGTERM
-saves a checkpoint at the current step and exits cleanly. Metrics go to `workdir/metrics.jsonl`
+(to any one process of a multi-process run) makes every process save the same step, the one
+after the step in flight, and exit cleanly. Metrics go to `workdir/metrics.jsonl`
 and TensorBoard (`workdir/tb`); at the end the model is evaluated (COCO box and mask AP,
 `final_eval`) and the final metrics are printed.
 """
@@ -33,6 +34,11 @@ from maskrcnn_jax.training import train_lib
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/shapes.py", "Training configuration file.")
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics and TensorBoard logs go here.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for a multi-process "
+                    "run started by hand (with --num_processes, --process_id); else "
+                    "--config.distributed=True auto-detects (Cloud TPU, SLURM, ...)")
+flags.DEFINE_integer("num_processes", None, "processes in a run started by hand")
+flags.DEFINE_integer("process_id", None, "this process's index in a run started by hand")
 # Listed by `python train.py --help` (absl shows the main module's own flags).
 cli.define_compilation_cache_flag(
     FLAGS, module_name=sys.argv[0] if __name__ == "__main__" else __name__)
@@ -98,9 +104,11 @@ def evaluate(config, model_cfg, state, workdir: str):
     """COCO metrics of the current parameters on the eval split."""
     from maskrcnn_jax.inference import evaluation
 
-    variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+    # Every process evaluates its shard of the split on its devices (the state's mesh).
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
     return evaluation.evaluate(model_cfg, variables, load_source(config.data, config.data.eval_split),
-                               batch_size=config.data.eval_batch_size, workdir=workdir)
+                               batch_size=config.data.eval_batch_size, workdir=workdir,
+                               mesh=train_lib.make_mesh())
 
 
 def train_and_evaluate(config, workdir: str, step_hook=None) -> dict:
@@ -127,12 +135,13 @@ def train_and_evaluate(config, workdir: str, step_hook=None) -> dict:
     local_batch = train_lib.check_batch_size(global_batch)
     mesh = train_lib.make_mesh()
 
-    loader = pipeline.make_dataset(
-        load_source(config.data, config.data.train_split), model_cfg, batch_size=local_batch,
-        train=True, seed=config.seed, max_instances=config.data.max_instances,
-        mask_crop_size=config.data.mask_crop_size, min_sizes=tuple(config.data.min_sizes),
-        flip_probability=config.data.flip_probability, worker_count=config.data.worker_count)
-    data_iter = iter(loader)
+    def make_loader(start_record: int):  # this process's slice of the global sequence
+        return pipeline.make_dataset(
+            load_source(config.data, config.data.train_split), model_cfg, batch_size=local_batch,
+            train=True, seed=config.seed, max_instances=config.data.max_instances,
+            mask_crop_size=config.data.mask_crop_size, min_sizes=tuple(config.data.min_sizes),
+            flip_probability=config.data.flip_probability, worker_count=config.data.worker_count,
+            global_batch_size=global_batch, start_record=start_record)
 
     key = jax.random.PRNGKey(config.seed)
     param_shapes = jax.eval_shape(lambda: train_lib.init_variables(model, key))["params"]
@@ -142,10 +151,12 @@ def train_and_evaluate(config, workdir: str, step_hook=None) -> dict:
     backbone = load_backbone(config.init_backbone) if config.init_backbone else None
     state = train_lib.replicate(train_lib.create_train_state(model, tx, key, backbone), mesh)
     restored = checkpoints.restore_train_state(manager, state, config.model.to_dict())
+    start_record = 0
     if restored is not None:
         state, data_state, _ = restored
-        data_iter.set_state(data_state)
+        start_record = pipeline.records_consumed(data_state, int(state.step), global_batch)
     step = int(state.step)
+    data_iter, start_step = iter(make_loader(start_record)), step
     if restored is not None:
         log.info("resumed from step %d", step)
     frozen_labels = (train_lib.frozen_param_labels(param_shapes, config.frozen_backbone_stages)
@@ -156,17 +167,22 @@ def train_and_evaluate(config, workdir: str, step_hook=None) -> dict:
     num_steps = int(config.num_train_steps)
 
     def save(at_step):
-        checkpoints.save_train_state(manager, at_step, state, data_iter.get_state(), config)
+        consumed = start_record + (at_step - start_step) * global_batch
+        checkpoints.save_train_state(manager, at_step, state, pipeline.position_state(consumed),
+                                     config)
 
     window, window_start, window_steps = {}, time.time(), 0
     last_logged = {}
     with SigtermFlag() as sigterm, tqdm(total=num_steps, initial=step, desc="train",
                                         disable=jax.process_index() != 0) as bar:
         while step < num_steps:
-            batch = train_lib.shard_batch(next(data_iter), mesh)
+            # This process's SIGTERM flag rides along with the batch; the step returns the OR
+            # over every process, so all of them stop after the same step.
+            batch = train_lib.shard_batch(next(data_iter), mesh, stop_requested=sigterm.requested)
             state, metrics = p_train_step(state, batch)
             step += 1
             metrics = jax.device_get(metrics)
+            stop = bool(metrics.pop(train_lib.STOP_FIELD))
             try:
                 train_lib.check_finite(step, metrics)
             except FloatingPointError as e:
@@ -184,11 +200,12 @@ def train_and_evaluate(config, workdir: str, step_hook=None) -> dict:
                 last_logged.update(lr=float(schedule(step - 1)), images_per_s=images_per_s)
                 writer.write(step, last_logged)
                 window, window_start, window_steps = {}, time.time(), 0
-            if step % config.checkpoint_every_steps == 0 or step == num_steps or sigterm.requested:
+            if step % config.checkpoint_every_steps == 0 or step == num_steps or stop:
                 save(step)
-            if sigterm.requested:
+            if stop:
                 manager.wait_until_finished()
-                log.warning("SIGTERM: saved a checkpoint at step %d, exiting", step)
+                log.warning("SIGTERM (%s): saved a checkpoint at step %d, exiting",
+                            "this process" if sigterm.requested else "another process", step)
                 writer.close()
                 manager.close()
                 return {"preempted": step}
@@ -207,6 +224,22 @@ def train_and_evaluate(config, workdir: str, step_hook=None) -> dict:
     return results
 
 
+def initialize_distributed(auto: bool, coordinator_address=None, num_processes=None,
+                           process_id=None):
+    """`jax.distributed.initialize`: with an explicit coordinator (a run started by hand, e.g.
+    on one machine), or auto-detected (Cloud TPU pod slices, SLURM, Open MPI, ...) when `auto`.
+    On CPU, cross-process collectives go through gloo."""
+    explicit = (coordinator_address, num_processes, process_id)
+    if any(v is not None for v in explicit) and any(v is None for v in explicit):
+        raise app.UsageError("--coordinator_address, --num_processes and --process_id go "
+                             "together")
+    if coordinator_address is None and not auto:
+        return
+    if jax.config.jax_platforms in ("cpu",) or os.environ.get("JAX_PLATFORMS") == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -214,8 +247,8 @@ def main(argv):
         raise app.UsageError("--workdir is required")
     config = FLAGS.config
     cli.enable_compilation_cache(FLAGS.compilation_cache_dir)
-    if config.distributed:
-        jax.distributed.initialize()
+    initialize_distributed(config.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
+                           FLAGS.process_id)
     # Our progress and warnings at INFO; libraries' (Orbax, TFDS, absl) chatter only from WARNING.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("maskrcnn_jax").setLevel(logging.INFO)

@@ -127,6 +127,19 @@ def delete_step(manager, step: int):
         manager.delete(step)
 
 
+def local_restore_target(directory: str, step: int):
+    """The saved state's shapes and dtypes on this process's first device: a checkpoint written
+    on other devices (another process count, another machine) restores anywhere, in full."""
+    import jax
+
+    ocp = _ocp()
+    with ocp.StandardCheckpointer() as checkpointer:
+        metadata = checkpointer.metadata(os.path.join(directory, str(step), "state"))
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+                        getattr(metadata, "item_metadata", metadata))
+
+
 def load_training_checkpoint(directory):
     """(model config, variables, training config dict) of the latest step in a train.py workdir
     (or its `checkpoints/` folder)."""
@@ -141,7 +154,8 @@ def load_training_checkpoint(directory):
         if step is None:
             raise FileNotFoundError(f"{directory}: no checkpoint steps found")
         restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()))
+            state=ocp.args.StandardRestore(local_restore_target(directory, step)),
+            config=ocp.args.JsonRestore()))
     state, train_config = restored["state"], dict(restored["config"])
     variables = {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
     print(f"restored step {step} from {directory}")

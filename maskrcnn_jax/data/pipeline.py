@@ -11,12 +11,21 @@ by `new / original` size in float32 (torchvision `resize_boxes`); masks resized 
 Ground truth is padded to `max_instances` with a validity mask: crowd and zero-size boxes are not
 targets (valid=False; crowd instances take slots after the targets, if any are left); an image
 with more targets than `max_instances` keeps the largest (by annotation area) and logs the count
-dropped. Batches are dicts of NumPy arrays (`BATCH_FIELDS`). Sharding per JAX process, shuffling
-and all randomness come from grain's sampler and seed, so a run is deterministic for a seed and
-an iterator's `get_state()` / `set_state()` resumes it exactly.
+dropped. Batches are dicts of NumPy arrays (`BATCH_FIELDS`). Shuffling and all randomness come
+from grain's sampler and seed, so a run is deterministic for a seed and an iterator's
+`get_state()` / `set_state()` resumes it exactly.
+
+Training reads one global sequence, whatever the number of processes (`GlobalBatchSampler`):
+record positions are shuffled over the whole split with the seed, global batch `s` is positions
+`s * G .. (s + 1) * G - 1` and process `p` of `P` reads its slice `p * G / P .. (p + 1) * G / P - 1`
+of it, each position with its own random draws (flip, scale). So the global batch of every step
+(and its augmentation) is the same with 1 process or N, no position is read by two processes,
+and a run resumes from the number of records consumed alone (`start_record`), also with another
+process count. Evaluation: `pad_shard` gives every process an equal-length contiguous shard.
 """
 
 import logging
+import sys
 from typing import Optional, Sequence
 
 import grain
@@ -172,7 +181,7 @@ def prepare_example(record: dict, config, *, min_size: int, flip: bool, max_inst
         "no_annotations": np.bool_(record["no_annotations"]),
         "flipped": np.bool_(flip),
         "num_dropped": np.int32(dropped),
-        "batch_valid": np.bool_(True),
+        "batch_valid": np.bool_(not record.get(PADDING_KEY, False)),
     }
 
 
@@ -196,6 +205,139 @@ class _Prepare(grain.transforms.RandomMap):
                                mask_crop_size=self.mask_crop_size)
 
 
+# Set in the records `PaddedShard` repeats to fill a shard: their examples get batch_valid=False.
+PADDING_KEY = "is_padding"
+
+
+class GlobalBatchSampler:
+    """grain sampler of this process's slice of every global training batch.
+
+    Position `g` of the global sequence is record `IndexSampler(shuffle=True, seed)[g]` (a new
+    permutation every epoch) with the random generator grain gives that position, so the
+    sequence does not depend on the process count. This process (`process_index` of
+    `process_count`) reads, for global batch `s`, positions `start_record + s * G + p * L + r`,
+    `r < L = G / process_count`. grain's worker `w` of `W` takes the loader's indices
+    `w, w + W, ...` and batches its own records, so loader index `j` is mapped through
+    `(worker, batch of that worker, row)` such that the loader's `k`-th batch is global batch
+    `k` whatever the worker count.
+
+    Args:
+      num_records: records in the split.
+      global_batch_size: G, a multiple of `process_count`.
+      process_index, process_count: this process and how many read the sequence.
+      seed: shuffling and per-position random draws.
+      start_record: positions already consumed (a resumed run: step * G).
+      worker_count: the DataLoader's (0: in-process).
+      num_epochs: None (forever) or the number of passes; then only whole global batches.
+    """
+
+    def __init__(self, num_records: int, global_batch_size: int, process_index: int,
+                 process_count: int, seed: int, start_record: int = 0, worker_count: int = 0,
+                 num_epochs: Optional[int] = None):
+        if global_batch_size <= 0 or global_batch_size % process_count:
+            raise ValueError(f"global batch size {global_batch_size} must be a positive multiple "
+                             f"of the process count {process_count}")
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process index {process_index} not in [0, {process_count})")
+        if start_record < 0:
+            raise ValueError(f"start_record must be >= 0, got {start_record}")
+        self.num_records, self.global_batch_size = int(num_records), int(global_batch_size)
+        self.process_index, self.process_count = int(process_index), int(process_count)
+        self.local_batch_size = self.global_batch_size // self.process_count
+        self.seed, self.start_record = int(seed), int(start_record)
+        self.workers = max(int(worker_count), 1)
+        # grain's DataLoader reads the sampler's own sharding: none, the slice is ours.
+        self._shard_options = grain.sharding.NoSharding()
+        self._global = grain.samplers.IndexSampler(num_records=self.num_records, shuffle=True,
+                                                   seed=self.seed)
+        self._len = None
+        if num_epochs is not None:
+            steps = (num_epochs * self.num_records - self.start_record) // self.global_batch_size
+            self._len = max(steps, 0) * self.local_batch_size
+
+    def __len__(self) -> int:
+        return sys.maxsize if self._len is None else self._len
+
+    def global_position(self, index: int) -> int:
+        """The global sequence position that loader index `index` reads."""
+        worker, q = index % self.workers, index // self.workers
+        batch_of_worker, row = divmod(q, self.local_batch_size)
+        step = batch_of_worker * self.workers + worker
+        return (self.start_record + step * self.global_batch_size
+                + self.process_index * self.local_batch_size + row)
+
+    def __getitem__(self, index: int) -> grain.RecordMetadata:
+        if index < 0 or (self._len is not None and index >= self._len):
+            raise IndexError(f"index {index} out of range [0, {len(self)})")
+        metadata = self._global[self.global_position(index)]
+        return grain.RecordMetadata(index=index, record_key=metadata.record_key,
+                                    rng=metadata.rng)
+
+    def __repr__(self) -> str:
+        return (f"GlobalBatchSampler(num_records={self.num_records}, "
+                f"global_batch_size={self.global_batch_size}, process_index={self.process_index}, "
+                f"process_count={self.process_count}, seed={self.seed}, "
+                f"start_record={self.start_record}, workers={self.workers})")
+
+
+def position_state(records_consumed: int) -> bytes:
+    """The training data position to checkpoint (JSON bytes): the global positions consumed.
+    With `GlobalBatchSampler` it is the whole iterator state of every process."""
+    import json
+
+    return json.dumps({"records_consumed": int(records_consumed)}).encode()
+
+
+def records_consumed(data_state: bytes, step: int, global_batch_size: int) -> int:
+    """The global positions consumed by a checkpoint's data state (`position_state`); for a
+    state of grain's own iterator (checkpoints written before `GlobalBatchSampler`),
+    `step * global_batch_size` (the same position, another shuffle order), with a warning."""
+    import json
+
+    state = json.loads(data_state)
+    if "records_consumed" in state:
+        return int(state["records_consumed"])
+    log.warning("data state of an older checkpoint (grain's iterator state): resuming at record "
+                "%d of the global sequence, not in its old order", step * global_batch_size)
+    return int(step) * int(global_batch_size)
+
+
+def shard_bounds(num_records: int, process_index: int, process_count: int) -> tuple[int, int]:
+    """`[start, end)` of a process's contiguous eval shard (grain's `even_split`: the first
+    `num_records % process_count` shards hold one record more)."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process index {process_index} not in [0, {process_count})")
+    per_shard, extra = divmod(int(num_records), int(process_count))
+    start = per_shard * process_index + min(process_index, extra)
+    return start, start + per_shard + (process_index < extra)
+
+
+class PaddedShard:
+    """A contiguous shard of a data source (`shard_bounds`), padded to `ceil(n / P)` records by
+    repeating record 0 of the source marked `PADDING_KEY` (its example has batch_valid=False),
+    so every process reads the same number of batches."""
+
+    def __init__(self, source, process_index: int, process_count: int):
+        if len(source) == 0:
+            raise ValueError("cannot shard an empty data source")
+        self.source = source
+        self.start, self.end = shard_bounds(len(source), process_index, process_count)
+        self.length = -(-len(source) // process_count)
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, index):
+        if not 0 <= index < self.length:
+            raise IndexError(index)
+        if self.start + index < self.end:
+            return self.source[self.start + index]
+        return {**self.source[0], PADDING_KEY: True}
+
+    def __repr__(self):
+        return f"PaddedShard({self.source!r}, [{self.start}, {self.end}), length={self.length})"
+
+
 def _stack_padded(batch_size: int):
     """Stacks examples; a short (last, eval) batch is padded with zero images, batch_valid=False."""
     def stack(examples):
@@ -210,7 +352,9 @@ def make_dataset(source, config, *, batch_size: int, train: bool, seed: int = 0,
                  max_instances: int = 100, mask_crop_size: int = 112,
                  min_sizes: Optional[Sequence[int]] = None, flip_probability: float = 0.5,
                  num_epochs: Optional[int] = None, worker_count: int = 0,
-                 shard_options: Optional[grain.sharding.ShardOptions] = None
+                 shard_options: Optional[grain.sharding.ShardOptions] = None,
+                 global_batch_size: Optional[int] = None, start_record: int = 0,
+                 process_index: Optional[int] = None, process_count: Optional[int] = None
                  ) -> grain.DataLoader:
     """A grain `DataLoader` of batches (`BATCH_FIELDS`) from a random-access data source.
 
@@ -220,7 +364,8 @@ def make_dataset(source, config, *, batch_size: int, train: bool, seed: int = 0,
         `size_divisible`, `image_mean`, `image_std`).
       batch_size: images per batch on this process.
       train: shuffle, flip, scale jitter, repeat forever (unless `num_epochs`), drop the last
-        short batch. Otherwise: in order, one epoch, the last batch padded (`batch_valid`).
+        short batch; this process's slice of one global sequence (`GlobalBatchSampler`).
+        Otherwise: in order, one epoch, the last batch padded (`batch_valid`).
       seed: shuffling and per-record random draws.
       max_instances: G, ground-truth slots per image.
       mask_crop_size: S, side of the mask crops.
@@ -231,7 +376,12 @@ def make_dataset(source, config, *, batch_size: int, train: bool, seed: int = 0,
       worker_count: grain worker processes (0: in this process). Each worker batches its own
         records (grain's design), so batch composition depends on the worker count; for a
         fixed count, runs are deterministic and iterator states restore exactly.
-      shard_options: default `ShardByJaxProcess`: each JAX process reads its own shard.
+      shard_options: evaluation only; default `ShardByJaxProcess`: each JAX process reads its
+        own shard (`evaluation.evaluate` passes `NoSharding` with a `PaddedShard` source).
+      global_batch_size: training: G (default `batch_size * process_count`); `batch_size` must
+        be `G / process_count`.
+      start_record: training: global positions already consumed (resume: step * G).
+      process_index, process_count: training: this process's slice (default JAX's).
 
     Returns:
       A `grain.DataLoader`; `iter(loader)` has `get_state()` / `set_state(state)`.
@@ -239,11 +389,28 @@ def make_dataset(source, config, *, batch_size: int, train: bool, seed: int = 0,
     if min_sizes is None:
         min_sizes = config.min_size
     min_sizes = (min_sizes,) if isinstance(min_sizes, (int, np.integer)) else tuple(min_sizes)
-    if shard_options is None:
-        shard_options = grain.sharding.ShardByJaxProcess(drop_remainder=train)
-    sampler = grain.samplers.IndexSampler(
-        num_records=len(source), shard_options=shard_options, shuffle=train,
-        num_epochs=num_epochs if num_epochs is not None else (None if train else 1), seed=seed)
+    if train:
+        if shard_options is not None:
+            raise ValueError("shard_options is for evaluation; training reads its slice of the "
+                             "global sequence (process_index, process_count)")
+        if process_index is None or process_count is None:
+            import jax
+
+            process_index = jax.process_index() if process_index is None else process_index
+            process_count = jax.process_count() if process_count is None else process_count
+        if global_batch_size is None:
+            global_batch_size = batch_size * process_count
+        if global_batch_size != batch_size * process_count:
+            raise ValueError(f"batch_size {batch_size} per process x {process_count} processes "
+                             f"!= global_batch_size {global_batch_size}")
+        sampler = GlobalBatchSampler(len(source), global_batch_size, process_index, process_count,
+                                     seed, start_record, worker_count, num_epochs)
+    else:
+        if shard_options is None:
+            shard_options = grain.sharding.ShardByJaxProcess(drop_remainder=False)
+        sampler = grain.samplers.IndexSampler(
+            num_records=len(source), shard_options=shard_options, shuffle=False,
+            num_epochs=num_epochs if num_epochs is not None else 1, seed=seed)
     operations = [
         _Prepare(config, train, min_sizes, flip_probability, max_instances, mask_crop_size),
         grain.transforms.Batch(batch_size, drop_remainder=train,

@@ -4,8 +4,12 @@
                        workdir='/tmp/eval')
     metrics['bbox/AP'], metrics['segm/AP50']
 
-Inference runs batched through one jit-compiled function over the input pipeline's eval batches;
-detections are mapped back to original-image pixels on the host exactly as `Predictor` does
+Inference runs batched through one jit-compiled function over the input pipeline's eval batches,
+sharded over every device of every process (a `('data',)` mesh): each JAX process reads its own
+contiguous shard of the split (`pipeline.PaddedShard`: every shard padded to the same length
+with masked images, so every process runs the same number of batches), its detections are
+gathered to process 0 in split order, one COCOeval runs there and its metrics are broadcast,
+so the metrics are those of a single-process run. Detections are mapped back to original-image pixels on the host exactly as `Predictor` does
 (`transform.resize_boxes`, `transform.paste_masks`) and converted to COCO results as
 torchvision's reference `coco_eval.py` does (masks thresholded at 0.5 and RLE-encoded, boxes
 as xywh, contiguous labels mapped back to the data set's category ids).
@@ -20,6 +24,8 @@ from typing import Mapping, Optional, Sequence
 
 import jax
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from maskrcnn_jax.data.transform import paste_masks, resize_boxes
 from maskrcnn_jax.models.maskrcnn import MaskRCNN, frozen
@@ -141,10 +147,57 @@ def coco_evaluate(ground_truth, results: Sequence[dict], iou_type: str,
 
 
 @functools.lru_cache(maxsize=4)
-def inference_fn(config):
+def inference_fn(config, mesh: Optional[Mesh] = None):
     """The jit-compiled `MaskRCNN(config).apply`, shared by every evaluation of an equal config
-    (a FrozenConfigDict), so repeated evaluations (e.g. during training) compile once."""
-    return jax.jit(MaskRCNN(config).apply)
+    (a FrozenConfigDict) and mesh, so repeated evaluations (e.g. during training) compile once.
+    With a mesh: variables replicated, images and outputs sharded on 'data'."""
+    apply = MaskRCNN(config).apply
+    if mesh is None:
+        return jax.jit(apply)
+    replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    return jax.jit(apply, in_shardings=(replicated, data, data, data), out_shardings=data)
+
+
+def eval_mesh() -> Mesh:
+    """A 1-D `('data',)` mesh over every device of every process (process-major order, so each
+    process's devices hold a contiguous block of the global batch)."""
+    return Mesh(np.asarray(jax.devices()), ("data",))
+
+
+def gather_to_process_zero(items: list) -> Optional[list]:
+    """Process 0: the JSON-serialisable `items` of every process, concatenated in process
+    order; other processes: None. One process: `items` itself. (Two all-gathers of the
+    zlib-compressed JSON: the byte counts, then the bytes padded to the longest.)"""
+    if jax.process_count() == 1:
+        return items
+    import zlib
+
+    from jax.experimental import multihost_utils
+
+    payload = np.frombuffer(zlib.compress(json.dumps(items).encode()), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.asarray([payload.size], np.int64)))
+    sizes = sizes.reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:payload.size] = payload
+    gathered = np.asarray(multihost_utils.process_allgather(padded))
+    if jax.process_index() != 0:
+        return None
+    merged = []
+    for p, size in enumerate(sizes):
+        merged += json.loads(zlib.decompress(gathered[p, :int(size)].tobytes()).decode())
+    return merged
+
+
+def broadcast_from_process_zero(metrics: Optional[dict], keys: Sequence[str]) -> dict:
+    """Process 0's `{key: float}` on every process (float64, so the values are bit-identical)."""
+    if jax.process_count() == 1:
+        return metrics
+    from jax.experimental import multihost_utils
+
+    values = (np.asarray([metrics[k] for k in keys], np.float64) if jax.process_index() == 0
+              else np.zeros(len(keys), np.float64))
+    values = np.asarray(multihost_utils.broadcast_one_to_all(values))
+    return {k: float(v) for k, v in zip(keys, values)}
 
 
 class _FirstImages:
@@ -164,8 +217,12 @@ class _FirstImages:
 
 def evaluate(model_config, variables, source, *, batch_size: int = 8,
              workdir: Optional[str] = None, max_images: Optional[int] = None,
-             progress: bool = True) -> dict:
-    """COCO bbox and segm metrics of a model on a data source.
+             progress: bool = True, mesh: Optional[Mesh] = None) -> dict:
+    """COCO bbox and segm metrics of a model on a data source, on every device of every process.
+
+    Every process must call it (the batches are global arrays and the detections are
+    gathered); each reads its own shard of the split. Process 0 runs COCOeval and writes the
+    files; every process returns the same metrics.
 
     Args:
       model_config: the model config (`maskrcnn_jax.config.model_config`); its `min_size` (the
@@ -173,10 +230,13 @@ def evaluate(model_config, variables, source, *, batch_size: int = 8,
       variables: `{'params': ..., 'batch_stats': ...}` of `MaskRCNN(model_config)`.
       source: a data source of one split (`builders.load(...)`); its categories and ground
         truth (`builders.categories`, `builders.coco_ground_truth`) are used.
-      batch_size: images per compiled call (the last batch is padded).
-      workdir: if given, `detections.json` (COCO results) and `metrics.json` are written there.
+      batch_size: images per device per compiled call: a call takes `batch_size` x the
+        number of devices images (the last batches are padded with masked images).
+      workdir: if given, `detections.json` (COCO results) and `metrics.json` are written there
+        (by process 0).
       max_images: evaluate the first `max_images` images only.
-      progress: show a tqdm progress bar and print pycocotools' summaries.
+      progress: show a tqdm progress bar (process 0) and print pycocotools' summaries.
+      mesh: a 1-D `('data',)` mesh (default `eval_mesh()`: every device of every process).
 
     Returns:
       `{'bbox/AP': ..., 'bbox/AP50': ..., ..., 'segm/ARl': ...}`: the 12 `COCOeval` stats of
@@ -187,24 +247,34 @@ def evaluate(model_config, variables, source, *, batch_size: int = 8,
 
     from maskrcnn_jax.data import builders, pipeline
 
+    if batch_size < 1:
+        raise ValueError(f"batch_size (images per device) must be >= 1, got {batch_size}")
     config = frozen(model_config)
-    forward = inference_fn(config)
-    variables = jax.device_put(variables)
+    mesh = eval_mesh() if mesh is None else mesh
+    if mesh.axis_names != ("data",):
+        raise ValueError(f"expected a 1-D ('data',) mesh, got axes {mesh.axis_names}")
+    forward = inference_fn(config, mesh)
+    variables = jax.device_put(variables, NamedSharding(mesh, P()))
+    local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+    local_batch = batch_size * local_devices
     label_to_category = label_to_category_map(builders.categories(source))
-    ground_truth = builders.coco_ground_truth(source)
     data = source if max_images is None else _FirstImages(source, max_images)
-    # Ground-truth slots are not used here: keep their mask crops tiny. NoSharding: every
-    # process evaluates the whole split on its local devices.
-    loader = pipeline.make_dataset(data, config, batch_size=batch_size, train=False,
+    num_images = len(data)
+    shard = pipeline.PaddedShard(data, jax.process_index(), jax.process_count())
+    # Ground-truth slots are not used here: keep their mask crops tiny. NoSharding: the shard
+    # is this process's already.
+    loader = pipeline.make_dataset(shard, config, batch_size=local_batch, train=False,
                                    max_instances=128, mask_crop_size=4,
                                    shard_options=grain.sharding.NoSharding())
     results, image_ids = [], []
     pending = None
-    bar = tqdm(total=len(data), desc="evaluate", unit="img", disable=not progress)
+    show = progress and jax.process_index() == 0
+    bar = tqdm(total=len(shard), desc="evaluate", unit="img", disable=not show)
     # Dispatch a batch before finishing the previous one: host post-processing overlaps the
     # device computation (jax dispatch is asynchronous).
     for batch in loader:
-        out = forward(variables, batch["images"], batch["image_sizes"], batch["padded_sizes"])
+        inputs = [_shard_local(batch[k], mesh) for k in ("images", "image_sizes", "padded_sizes")]
+        out = forward(variables, *inputs)
         if pending is not None:
             results += _finish_batch(*pending, label_to_category, image_ids, bar)
         pending = (out, batch)
@@ -212,26 +282,49 @@ def evaluate(model_config, variables, source, *, batch_size: int = 8,
         results += _finish_batch(*pending, label_to_category, image_ids, bar)
     bar.close()
 
-    metrics = {}
-    for iou_type in IOU_TYPES:
-        stats = coco_evaluate(ground_truth, results, iou_type, image_ids=image_ids,
-                              verbose=progress)
-        metrics.update({f"{iou_type}/{name}": value for name, value in stats.items()})
-    log.info("evaluated %d images, %d detections: bbox AP %.4f, segm AP %.4f", len(image_ids),
-             len(results), metrics["bbox/AP"], metrics["segm/AP"])
-    if workdir is not None:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "detections.json"), "w") as f:
-            json.dump(results, f)
-        with open(os.path.join(workdir, "metrics.json"), "w") as f:
-            json.dump({**metrics, "num_images": len(image_ids), "num_detections": len(results)},
-                      f, indent=2, sort_keys=True)
-    return metrics
+    # Shards are contiguous and gathered in process order: the split's order, as one process.
+    all_results = gather_to_process_zero(results)
+    all_ids = gather_to_process_zero(image_ids)
+    keys = [f"{t}/{name}" for t in IOU_TYPES for name in STAT_NAMES]
+    metrics = None
+    if jax.process_index() == 0:
+        if len(all_ids) != num_images or len(set(all_ids)) != num_images:
+            raise RuntimeError(f"evaluated {len(all_ids)} images ({len(set(all_ids))} distinct), "
+                               f"expected the {num_images} of the split once each")
+        ground_truth = builders.coco_ground_truth(source)
+        metrics = {}
+        for iou_type in IOU_TYPES:
+            stats = coco_evaluate(ground_truth, all_results, iou_type, image_ids=all_ids,
+                                  verbose=progress)
+            metrics.update({f"{iou_type}/{name}": value for name, value in stats.items()})
+        log.info("evaluated %d images on %d devices (%d processes), %d detections: bbox AP "
+                 "%.4f, segm AP %.4f", len(all_ids), mesh.devices.size, jax.process_count(),
+                 len(all_results), metrics["bbox/AP"], metrics["segm/AP"])
+        if workdir is not None:
+            os.makedirs(workdir, exist_ok=True)
+            with open(os.path.join(workdir, "detections.json"), "w") as f:
+                json.dump(all_results, f)
+            with open(os.path.join(workdir, "metrics.json"), "w") as f:
+                json.dump({**metrics, "num_images": len(all_ids),
+                           "num_detections": len(all_results)}, f, indent=2, sort_keys=True)
+    return broadcast_from_process_zero(metrics, keys)
+
+
+def _shard_local(array: np.ndarray, mesh: Mesh) -> jax.Array:
+    """This process's rows -> a global array sharded on 'data' (its devices' block)."""
+    return jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")),
+                                                  np.asarray(array))
+
+
+def _local_rows(array: jax.Array) -> np.ndarray:
+    """This process's rows of a global array sharded on its leading axis, in order."""
+    shards = sorted(array.addressable_shards, key=lambda s: s.index[0].start or 0)
+    return np.concatenate([np.asarray(s.data) for s in shards])
 
 
 def _finish_batch(out, batch, label_to_category, image_ids, bar) -> list[dict]:
     """COCO results of the real images of a batch (as `Predictor._finish`, plus encoding)."""
-    out = jax.device_get(out)
+    out = {k: _local_rows(v) for k, v in out.items()}
     results = []
     for i in np.flatnonzero(batch["batch_valid"]):
         n = int(out["valid"][i].sum())  # detections are packed first, padding after

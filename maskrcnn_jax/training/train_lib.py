@@ -4,7 +4,10 @@ step and metric writing. `train.py` wires them (and `maskrcnn_jax.checkpoints`) 
 Data parallel on a 1-D mesh `('data',)` over all devices: every batch is sharded on its leading
 axis, parameters and optimizer state are replicated, and XLA inserts the gradient all-reduce.
 The losses normalise over the whole global batch (torchvision's per-batch normalisation), so the
-result does not depend on the number of devices beyond float summation order.
+result does not depend on the number of devices beyond float summation order. The same code runs
+with one process or many (one per host): `shard_batch` assembles each process's slice into
+global arrays, and a stop request (SIGTERM) of any process enters the step as a sharded flag
+whose OR comes back in the replicated metrics, so every process stops after the same step.
 """
 
 import functools
@@ -24,6 +27,8 @@ from maskrcnn_jax.training.losses import compute_losses
 
 # The batch fields the losses read; the rest of a pipeline batch (ids, sizes...) stays on host.
 TRAIN_FIELDS = ("images", "image_sizes", "padded_sizes", "boxes", "labels", "valid", "masks")
+# `(devices,)` bool batch field: a process asks to stop (SIGTERM); `train_step` returns its OR.
+STOP_FIELD = "stop_requested"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -180,6 +185,8 @@ def train_step(model: MaskRCNN, tx, state: TrainState, batch: Dict[str, jnp.ndar
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, **terms, "grad_norm": optax.tree.norm(grads)}
+    if STOP_FIELD in batch:  # any process's stop request, the same on all (an all-reduce)
+        metrics[STOP_FIELD] = jnp.any(batch[STOP_FIELD])
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -215,12 +222,23 @@ def check_batch_size(global_batch_size: int):
     return global_batch_size // processes
 
 
-def shard_batch(batch: Dict[str, np.ndarray], mesh: Mesh) -> Dict[str, jax.Array]:
+def shard_batch(batch: Dict[str, np.ndarray], mesh: Mesh,
+                stop_requested: Optional[bool] = None) -> Dict[str, jax.Array]:
     """This process's part of the global batch -> global arrays sharded on 'data'
-    (`make_array_from_process_local_data`: the same code single- and multi-process)."""
+    (`make_array_from_process_local_data`: the same code single- and multi-process).
+
+    `stop_requested` (this process's SIGTERM flag), if given, is added as `STOP_FIELD`, one
+    value per local device: `train_step` reduces it over all devices into its metrics, so every
+    process learns after the same step that one of them must stop.
+    """
     sharding = NamedSharding(mesh, PartitionSpec("data"))
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
-            for k in TRAIN_FIELDS}
+    arrays = {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
+              for k in TRAIN_FIELDS}
+    if stop_requested is not None:
+        local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+        arrays[STOP_FIELD] = jax.make_array_from_process_local_data(
+            sharding, np.full((local_devices,), bool(stop_requested)))
+    return arrays
 
 
 def check_finite(step: int, metrics: Dict[str, float]):

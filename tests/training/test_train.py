@@ -6,8 +6,9 @@ cache in a temporary directory, so only distinct programs are compiled.
   * 8 simulated devices vs 1 (each in a subprocess, `--xla_force_host_platform_device_count`):
     same losses (rtol 1e-5) and the same parameter update as a whole
     (relative L2 difference < 2e-3, measured 3.9e-4: float32 summation order of the gradient).
-  * SIGTERM at step 3 of 6 (checkpoints every 2) then a restart ends bit-identical to an
-    uninterrupted 6-step run (params, optimizer state; data position and PRNG via the same
+  * SIGTERM after step 3 of 6 (checkpoints every 2): the flag enters step 4 (as it would reach
+    every process of a multi-process run), which is saved; then a restart ends bit-identical
+    to an uninterrupted 6-step run (params, optimizer state; data position and PRNG via the same
     losses logged at every step).
   * 30 steps: the mean loss of the last 5 steps is below 0.7x that of the first 5.
   * lr 1e9: FloatingPointError naming the step and every loss term.
@@ -172,12 +173,12 @@ def test_sigterm_and_resume_equal_uninterrupted(data_dir, tmp_path):
             os.kill(os.getpid(), signal.SIGTERM)
 
     assert train.train_and_evaluate(config, interrupted, step_hook=sigterm_at_3) == {
-        "preempted": 3}
+        "preempted": 4}
     with ocp.CheckpointManager(os.path.join(interrupted, "checkpoints")) as manager:
-        assert manager.all_steps() == [2, 3]
+        assert manager.all_steps() == [2, 4]
     seen = []
     train.train_and_evaluate(config, interrupted, step_hook=lambda s, m: seen.append(s))
-    assert seen == [4, 5, 6]  # resumed after step 3, not from scratch
+    assert seen == [5, 6]  # resumed after step 4, not from scratch
 
     # Same losses at every step: same data order and the same sampling keys after the restart.
     losses = lambda workdir: {m["step"]: m["loss"] for m in _metrics(workdir)}  # noqa: E731
