@@ -196,8 +196,9 @@ def broadcast_from_process_zero(metrics: Optional[dict], keys: Sequence[str]) ->
 
     values = (np.asarray([metrics[k] for k in keys], np.float64) if jax.process_index() == 0
               else np.zeros(len(keys), np.float64))
-    values = np.asarray(multihost_utils.broadcast_one_to_all(values))
-    return {k: float(v) for k, v in zip(keys, values)}
+    # As bytes: without jax_enable_x64 a float64 array would travel as float32.
+    raw = np.asarray(multihost_utils.broadcast_one_to_all(values.view(np.uint8)), np.uint8)
+    return {k: float(v) for k, v in zip(keys, raw.view(np.float64))}
 
 
 class _FirstImages:
@@ -254,7 +255,7 @@ def evaluate(model_config, variables, source, *, batch_size: int = 8,
     if mesh.axis_names != ("data",):
         raise ValueError(f"expected a 1-D ('data',) mesh, got axes {mesh.axis_names}")
     forward = inference_fn(config, mesh)
-    variables = jax.device_put(variables, NamedSharding(mesh, P()))
+    variables = _replicated(variables, mesh)
     local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
     local_batch = batch_size * local_devices
     label_to_category = label_to_category_map(builders.categories(source))
@@ -308,6 +309,20 @@ def evaluate(model_config, variables, source, *, batch_size: int = 8,
                 json.dump({**metrics, "num_images": len(all_ids),
                            "num_detections": len(all_results)}, f, indent=2, sort_keys=True)
     return broadcast_from_process_zero(metrics, keys)
+
+
+def _replicated(variables, mesh: Mesh):
+    """Variables replicated on every device of `mesh`: arrays already so stay on device; others
+    (host arrays, or arrays on one local device, e.g. restored by `load_checkpoint`) go through
+    the host, since every process puts its own copy (no cross-host transfer)."""
+    target = NamedSharding(mesh, P())
+
+    def put(x):
+        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(target, x.ndim):
+            return x
+        return jax.device_put(np.asarray(x), target)
+
+    return jax.tree.map(put, variables)
 
 
 def _shard_local(array: np.ndarray, mesh: Mesh) -> jax.Array:
