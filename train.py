@@ -149,7 +149,14 @@ def train_and_evaluate(config, workdir: str, step_hook=None) -> dict:
                                               config.frozen_backbone_stages)
     manager = checkpoints.checkpoint_manager(workdir, config.keep_checkpoints)
     backbone = load_backbone(config.init_backbone) if config.init_backbone else None
-    state = train_lib.replicate(train_lib.create_train_state(model, tx, key, backbone), mesh)
+    initial = None
+    if config.get("init_from") and manager.latest_step() is None:  # resuming needs no start
+        from maskrcnn_jax.training import finetune
+
+        initial = finetune.load_pretrained(config.init_from, model_cfg,
+                                           jax.random.fold_in(key, 1))
+    state = train_lib.replicate(
+        train_lib.create_train_state(model, tx, key, backbone, variables=initial), mesh)
     restored = checkpoints.restore_train_state(manager, state, config.model.to_dict())
     start_record = 0
     if restored is not None:

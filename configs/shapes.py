@@ -81,6 +81,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.final_eval = True  # COCO bbox/segm AP on the eval split at the end
     config.seed = 0
     config.init_backbone = ""  # torchvision ImageNet ResNet .pth to start the backbone from
+    # A whole trained model to start from (fine-tuning): a converted checkpoint (convert.py), a
+    # train.py workdir or a torchvision .pth; class-dependent layers are re-initialised when
+    # num_classes differs (maskrcnn_jax.training.finetune).
+    config.init_from = ""
     config.frozen_backbone_stages = 0  # 5 - torchvision's trainable_backbone_layers
     config.distributed = False  # jax.distributed.initialize() for multi-host runs
     return config

@@ -125,9 +125,10 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
     BUILDER_CONFIGS = [shapes_config()]
 
     def _info(self) -> tfds.core.DatasetInfo:
+        categories = shapes.CATEGORIES[:self.builder_config.options.num_classes]
         return tfds.core.DatasetInfo(builder=self, description=_DESCRIPTION,
                                      features=record_features(),
-                                     metadata=tfds.core.MetadataDict(categories=shapes.CATEGORIES))
+                                     metadata=tfds.core.MetadataDict(categories=categories))
 
     def _split_generators(self, dl_manager):
         del dl_manager  # nothing to download

@@ -31,6 +31,8 @@ class ShapesOptions:
     max_shapes: each image has 1..max_shapes shapes painted (before occlusion drops).
     min_visible_fraction: an instance is dropped when less than this fraction of its shape
       stays visible, or fewer than `min_visible_pixels` pixels do.
+    num_classes: shapes are drawn from the first `num_classes` of `CLASS_NAMES` (a subset of
+      the classes, e.g. to pretrain a model that is then fine-tuned on all of them).
     """
 
     min_side: int = 96
@@ -38,6 +40,12 @@ class ShapesOptions:
     max_shapes: int = 6
     min_visible_fraction: float = 0.4
     min_visible_pixels: int = 30
+    num_classes: int = len(CLASS_NAMES)
+
+    def __post_init__(self):
+        if not 1 <= self.num_classes <= len(CLASS_NAMES):
+            raise ValueError(f"shapes num_classes must be in 1..{len(CLASS_NAMES)}, got "
+                             f"{self.num_classes}")
 
 
 def _star_polygon_mask(xx, yy, cx, cy, radii, angles):
@@ -101,7 +109,7 @@ def generate_image(seed: int, split: str, index: int,
     image = _background(rng, h, w)
     shapes = []
     for _ in range(int(rng.integers(1, options.max_shapes + 1))):
-        kind = int(rng.integers(0, len(CLASS_NAMES)))
+        kind = int(rng.integers(0, options.num_classes))
         r = rng.uniform(0.08, 0.3) * min(h, w)
         cx, cy = rng.uniform(0.1 * w, 0.9 * w), rng.uniform(0.1 * h, 0.9 * h)
         mask = _shape_mask(kind, h, w, cx, cy, r, rng.uniform(0, 2 * np.pi))

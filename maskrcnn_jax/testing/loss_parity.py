@@ -57,14 +57,28 @@ def ellipse_objects(canvas, image_size, ellipses, num_slots):
     return masks, boxes, valid
 
 
-def randomize(model, seed):
-    """FrozenBN buffers to a non-identity affine map, non-zero biases, sharpened logits."""
+def randomize(model, seed, architecture="v1"):
+    """FrozenBN buffers to a non-identity affine map, non-zero biases, sharpened logits (v2: its
+    many norms to a mild random map near the identity, and the predictors scaled to its ~100x
+    larger box-head features)."""
     import torch
 
-    from maskrcnn_jax.testing.torch_models import randomize_frozen_bn_and_biases
+    from maskrcnn_jax.testing.torch_models import (
+        randomize_batch_norm,
+        randomize_frozen_bn_and_biases,
+    )
 
     with torch.no_grad():
-        randomize_frozen_bn_and_biases(model, seed)
+        if architecture == "v2":
+            randomize_frozen_bn_and_biases(model, seed)
+            randomize_batch_norm(model, seed)
+            model.rpn.head.cls_logits.weight.mul_(0.3)
+            model.rpn.head.bbox_pred.weight.mul_(0.01)
+            model.rpn.head.bbox_pred.bias.mul_(0.01)
+            model.roi_heads.box_predictor.cls_score.weight.mul_(0.01)
+            model.roi_heads.box_predictor.bbox_pred.weight.mul_(0.01)
+            model.roi_heads.mask_predictor.mask_fcn_logits.weight.mul_(0.003)
+            return
         # Randomised BN makes the features large: scale the predictors to O(1) logits, where
         # every loss depends on its targets, and RPN deltas small so that proposals stay near
         # the anchors (some overlap the gt at IoU >= 0.5 and become positive RoIs besides the
@@ -76,10 +90,29 @@ def randomize(model, seed):
         model.roi_heads.mask_predictor.mask_fcn_logits.weight.mul_(0.003)
 
 
-@functools.lru_cache(maxsize=1)
-def build():
+def torch_v2_model(body, num_classes=None, **kwargs):
+    """torchvision's `maskrcnn_resnet50_fpn_v2` architecture around `body` (a ResNet-50), with
+    FrozenBatchNorm2d in the FPN and heads: its BatchNorm2d layers as in eval mode, the frozen
+    norms maskrcnn_jax trains with."""
+    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+    from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
+    from torchvision.models.detection.mask_rcnn import MaskRCNN, MaskRCNNHeads
+    from torchvision.models.detection.rpn import RPNHead
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    backbone = _resnet_fpn_extractor(body, TRAINABLE_LAYERS, norm_layer=FrozenBatchNorm2d)
+    return MaskRCNN(
+        backbone, num_classes=num_classes,
+        rpn_head=RPNHead(256, 3, conv_depth=2),
+        box_head=FastRCNNConvFCHead((256, 7, 7), [256] * 4, [1024], norm_layer=FrozenBatchNorm2d),
+        mask_head=MaskRCNNHeads(256, [256] * 4, 1, norm_layer=FrozenBatchNorm2d), **kwargs)
+
+
+@functools.lru_cache(maxsize=2)
+def build(architecture="v1"):
     """The models and inputs of both sides, built once per process (shared by the test modules:
-    callers must not modify them; `.grad` of the torch parameters excepted).
+    callers must not modify them; `.grad` of the torch parameters excepted). `architecture`:
+    torchvision's v1 `maskrcnn_resnet50_fpn` or v2 `maskrcnn_resnet50_fpn_v2` (`torch_v2_model`).
 
     Returns a dict:
       torch_model: the torchvision MaskRCNN in train mode;
@@ -98,9 +131,12 @@ def build():
 
     torch.manual_seed(0)
     body = torchvision.models.resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
-    torch_model = torchvision.models.detection.MaskRCNN(
-        _resnet_fpn_extractor(body, TRAINABLE_LAYERS), **PARITY_KWARGS)
-    randomize(torch_model, seed=1)
+    if architecture == "v2":
+        torch_model = torch_v2_model(body, **PARITY_KWARGS)
+    else:
+        torch_model = torchvision.models.detection.MaskRCNN(
+            _resnet_fpn_extractor(body, TRAINABLE_LAYERS), **PARITY_KWARGS)
+    randomize(torch_model, seed=1, architecture=architecture)
     config, variables = from_torchvision(
         torch_model.state_dict(), canvas_size=PARITY_CANVAS, **PARITY_KWARGS)
 

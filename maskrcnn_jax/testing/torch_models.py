@@ -131,12 +131,15 @@ def torchvision_maskrcnn(config):
     kwargs = {k: config[k] for k in _TORCHVISION_KWARGS}
     for key in ("image_mean", "image_std", "bbox_reg_weights"):
         kwargs[key] = list(kwargs[key])
+    # Modules in the order torchvision's builders create them: the random initialisation (and
+    # every seeded test model) depends on it.
+    rpn_head = RPNHead(channels, 3, conv_depth=2 if v2 else 1)
     box_head = (FastRCNNConvFCHead((channels, 7, 7), [channels] * 4, [representation],
                                    norm_layer=norm) if v2 else
                 TwoMLPHead(channels * 7 * 7, representation))
     model = MaskRCNN(
         backbone, num_classes=None,
-        rpn_head=RPNHead(channels, 3, conv_depth=2 if v2 else 1),
+        rpn_head=rpn_head,
         box_head=box_head,
         box_predictor=FastRCNNPredictor(representation, int(config.num_classes)),
         mask_head=MaskRCNNHeads(channels, layers, 1, norm_layer=norm),

@@ -130,11 +130,19 @@ def init_variables(model: MaskRCNN, key: jax.Array):
     return jax.jit(lambda k: model.init(k, images, sizes, sizes))(key)
 
 
-def create_train_state(model: MaskRCNN, tx, key: jax.Array, init_backbone=None) -> TrainState:
-    """Initialise the model (optionally the backbone from converted torchvision ResNet
-    variables `{'params', 'batch_stats'}`) and the optimizer state, at step 0."""
+def create_train_state(model: MaskRCNN, tx, key: jax.Array, init_backbone=None,
+                       variables=None) -> TrainState:
+    """Initialise the model and the optimizer state, at step 0: fresh weights, optionally the
+    backbone from converted torchvision ResNet variables `{'params', 'batch_stats'}`
+    (`init_backbone`), or all of `variables` (a whole model's, e.g. `finetune.load_pretrained`:
+    the fine-tuning start)."""
     init_key, train_key = jax.random.split(key)
-    variables = flax.core.unfreeze(init_variables(model, init_key))
+    if variables is not None:
+        if init_backbone is not None:
+            raise ValueError("give init_backbone or the whole model's variables, not both")
+        variables = jax.tree.map(jnp.asarray, dict(variables))
+    else:
+        variables = flax.core.unfreeze(init_variables(model, init_key))
     if init_backbone is not None:
         if model.config.get("backbone_norm", "frozen_bn") != "frozen_bn":
             raise ValueError("init_backbone (torchvision ResNet weights) needs "

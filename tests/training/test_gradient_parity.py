@@ -1,4 +1,4 @@
-"""Gradient parity with torchvision autograd (R50-FPN), beyond equal losses.
+"""Gradient parity with torchvision autograd (R50-FPN, v1 and v2), beyond equal losses.
 
 Equal losses do not prove equal gradients: a missing or extra stop-gradient, a detached target or
 a different normalisation order can keep every loss value and change the update. With the
@@ -110,9 +110,11 @@ def _torch_float64(setup):
                 rpn_backbone={k: g.numpy() for k, g in zip(backbone, rpn)})
 
 
-@pytest.fixture(scope="module")
-def grads():
-    setup = loss_parity.build()
+@pytest.fixture(scope="module", params=["v1", "v2"])
+def grads(request):
+    """Both sides' gradients for torchvision's v1 or v2 architecture (v2: its norms frozen on
+    both sides, `loss_parity.torch_v2_model`)."""
+    setup = loss_parity.build(request.param)
     model = MaskRCNN(frozen(setup["config"]))
     variables, batch = setup["variables"], setup["jax_batch"]
 
