@@ -123,7 +123,10 @@ def test_batch_wide_mask_budget_matches_torchvision():
     print(f"positives {positives}; loss_mask torchvision {reference:.7f}, packed exact "
           f"{results['exact']:.7f}, one short {results['one short']:.7f}")
     assert abs(results["exact"] - reference) <= RTOL * reference
-    assert abs(results["one short"] - reference) > 10 * RTOL * reference
+    # Dropping one of ~24 near-equal per-RoI losses moves the mean by ~4e-4 relative: far more
+    # than the packed budget's own error (float32 summation order, ~1e-7).
+    exact_error = max(abs(results["exact"] - reference), 1e-6 * reference)
+    assert abs(results["one short"] - reference) > 10 * exact_error
 
 
 def test_total_is_sum(parity):
