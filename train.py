@@ -11,6 +11,7 @@ and TensorBoard (`workdir/tb`); at the end the model is evaluated (COCO box and 
 `final_eval`) and the final metrics are printed.
 """
 
+import json
 import logging
 import os
 import signal
@@ -22,6 +23,7 @@ import jax
 import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
+from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 from tqdm import tqdm
 
@@ -111,6 +113,26 @@ def evaluate(config, model_cfg, state, workdir: str):
                                mesh=train_lib.make_mesh())
 
 
+# This process's compiled train steps by configuration (at most 4): a second
+# `train_and_evaluate` of the same model, optimizer, batch and mesh in one process (a resume in a
+# notebook, the tests) runs the program it has instead of compiling it again.
+_TRAIN_STEPS = {}
+
+
+def _train_step(config, model, tx, mesh, frozen_labels):
+    key = json.dumps([config.model.to_dict(), config.optimizer.to_dict(),
+                      config.data.batch_size, config.mask_rois_per_image,
+                      config.get("mask_rois_per_batch"), config.frozen_backbone_stages,
+                      [d.id for d in mesh.devices.flat]], sort_keys=True, default=str)
+    if key not in _TRAIN_STEPS:
+        while len(_TRAIN_STEPS) >= 4:
+            _TRAIN_STEPS.pop(next(iter(_TRAIN_STEPS)))
+        _TRAIN_STEPS[key] = train_lib.make_train_step(
+            model, tx, mesh, config.mask_rois_per_image, frozen_labels,
+            config.get("mask_rois_per_batch"))
+    return _TRAIN_STEPS[key]
+
+
 def train_and_evaluate(config, workdir: str, step_hook=None) -> dict:
     """Train for `config.num_train_steps` (resuming from `workdir`), then evaluate.
 
@@ -155,8 +177,14 @@ def train_and_evaluate(config, workdir: str, step_hook=None) -> dict:
 
         initial = finetune.load_pretrained(config.init_from, model_cfg,
                                            jax.random.fold_in(key, 1))
-    state = train_lib.replicate(
-        train_lib.create_train_state(model, tx, key, backbone, variables=initial), mesh)
+    if manager.latest_step() is None:
+        state = train_lib.replicate(
+            train_lib.create_train_state(model, tx, key, backbone, variables=initial), mesh)
+    else:  # resuming: the restore target needs only shapes (no initialisation to compile)
+        state = jax.eval_shape(lambda: train_lib.create_train_state(model, tx, key))
+        replicated = NamedSharding(mesh, PartitionSpec())
+        state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+                             state)
     restored = checkpoints.restore_train_state(manager, state, config.model.to_dict())
     start_record = 0
     if restored is not None:
@@ -168,8 +196,7 @@ def train_and_evaluate(config, workdir: str, step_hook=None) -> dict:
         log.info("resumed from step %d", step)
     frozen_labels = (train_lib.frozen_param_labels(param_shapes, config.frozen_backbone_stages)
                      if config.frozen_backbone_stages else None)
-    p_train_step = train_lib.make_train_step(model, tx, mesh, config.mask_rois_per_image,
-                                             frozen_labels, config.get("mask_rois_per_batch"))
+    p_train_step = _train_step(config, model, tx, mesh, frozen_labels)
     writer = train_lib.MetricWriter(workdir)
     num_steps = int(config.num_train_steps)
 

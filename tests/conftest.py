@@ -7,6 +7,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The tools' default persistent compilation cache lives under the user's cache dir: keep the
 # suite's in a temporary one.
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="maskrcnn_jax_test_cache_")
+# One persistent compilation cache for the whole session, this process and every subprocess
+# (train.py, workers): the same program (e.g. the tiny training step) built by several tests is
+# compiled once. Set before JAX initialises, which reads these variables once.
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(os.environ["XDG_CACHE_HOME"], "jax")
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
 
 import pytest  # noqa: E402
 

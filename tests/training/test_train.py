@@ -1,8 +1,9 @@
 """train.py / train_lib: data parallelism, exact resume, learning, non-finite stop.
 
 All on CPU with the tiny backbone in a 64x64 canvas and a 16-image shapes set (built once per
-session). Runs of the same configuration share compiled code through a persistent compilation
-cache in a temporary directory, so only distinct programs are compiled.
+session). Runs of the same configuration share compiled code (in one process; across processes
+through the session's persistent compilation cache, tests/conftest.py), so only distinct
+programs are compiled.
   * 8 simulated devices vs 1 (each in a subprocess, `--xla_force_host_platform_device_count`):
     same losses (rtol 1e-5) and the same parameter update as a whole
     (relative L2 difference < 2e-3, measured 3.9e-4: float32 summation order of the gradient).
@@ -41,20 +42,6 @@ def tiny_config(data_dir, **overrides):
     config.data.data_dir = data_dir
     config.update_from_flattened_dict(overrides)
     return config
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """Reuse compiled programs across runs of the same configuration in this module."""
-    previous = {k: getattr(jax.config, k) for k in (
-        "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-        "jax_persistent_cache_min_entry_size_bytes")}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    yield
-    for k, v in previous.items():
-        jax.config.update(k, v)
 
 
 @pytest.fixture(scope="module")
@@ -302,9 +289,9 @@ def test_kill_9_at_any_moment_resumes_bit_identical(data_dir, tmp_path):
     import time
 
     steps = 12
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    # The session's compilation cache (tests/conftest.py, in the environment): the processes
+    # load what this module's runs compiled.
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
 
     log_file = tmp_path / "train.log"
 
@@ -331,13 +318,16 @@ def test_kill_9_at_any_moment_resumes_bit_identical(data_dir, tmp_path):
         with open(path) as f:
             return [json.loads(line)["step"] for line in f if line.endswith("\n")]
 
+    # The uninterrupted reference runs in this process (the same program as train.py's).
     straight = str(tmp_path / "straight")
-    finish(start(straight), "uninterrupted")
+    train.train_and_evaluate(
+        tiny_config(data_dir, num_train_steps=steps, checkpoint_every_steps=3), straight)
 
     workdir = str(tmp_path / "killed")
     ckpt_dir = os.path.join(workdir, "checkpoints")
     moments = {
-        # The checkpoint folder exists before the first step, which compiles.
+        # The checkpoint folder exists before the first step, which compiles (or loads the
+        # compiled program from the cache).
         "compilation": lambda: os.path.isdir(ckpt_dir) and not logged_steps(workdir),
         "training steps": lambda: len(logged_steps(workdir)) >= 5,
         "an asynchronous save": lambda: os.path.isdir(ckpt_dir) and any(
