@@ -6,7 +6,15 @@ import tempfile
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The tools' default persistent compilation cache lives under the user's cache dir: keep the
 # suite's in a temporary one.
-os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="maskrcnn_jax_test_cache_")
+# Under pytest-xdist every worker imports this file: they share one folder (named by the run's id),
+# so a program compiled by one worker is read by the other.
+_run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+if _run_id:
+    os.environ["XDG_CACHE_HOME"] = os.path.join(tempfile.gettempdir(),
+                                                f"maskrcnn_jax_test_cache_{_run_id}")
+    os.makedirs(os.environ["XDG_CACHE_HOME"], exist_ok=True)
+else:
+    os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="maskrcnn_jax_test_cache_")
 # One persistent compilation cache for the whole session, this process and every subprocess
 # (train.py, workers): the same program (e.g. the tiny training step) built by several tests is
 # compiled once. Set before JAX initialises, which reads these variables once.
