@@ -2,6 +2,7 @@
 
     python eval.py --checkpoint=DIR [--data=shapes|coco_instances] [--data_dir=~/tensorflow_datasets]
                    [--split=validation] [--manual_dir=COCO_FOLDER] [--workdir=OUT] [--batch_size=8]
+                   [--coco_eval=pycocotools|faster_coco_eval]
 
 DIR is either
   (a) a converted checkpoint (convert.py: `config.json` + `variables/`), or
@@ -36,6 +37,9 @@ flags.DEFINE_integer("batch_size", 8, "images per compiled call", lower_bound=1,
                      flag_values=FLAGS)
 flags.DEFINE_integer("max_images", None, "evaluate the first N images only", flag_values=FLAGS)
 flags.DEFINE_bool("progress", True, "show a progress bar", flag_values=FLAGS)
+flags.DEFINE_enum("coco_eval", "pycocotools", ["pycocotools", "faster_coco_eval"],
+                  "COCOeval implementation: pycocotools, or faster-coco-eval's C++ one (the same "
+                  "stats, several times faster; pip install faster-coco-eval)", flag_values=FLAGS)
 cli.define_compilation_cache_flag(FLAGS)
 
 
@@ -77,7 +81,7 @@ def main(argv=None) -> int:
                          FLAGS.manual_dir, FLAGS.data_config)
     metrics = evaluate(config, variables, source, batch_size=FLAGS.batch_size,
                        workdir=FLAGS.workdir or checkpoint, max_images=FLAGS.max_images,
-                       progress=FLAGS.progress)
+                       progress=FLAGS.progress, coco_backend=FLAGS.coco_eval)
     print(" ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.endswith(("/AP", "/AP50"))))
     return 0
 

@@ -228,6 +228,17 @@ def coco_ground_truth(source, use_labels: bool = False):
     return gt
 
 
+def image_ids_and_sizes(source, num_records: Optional[int] = None):
+    """`(image_ids (N,) int64, sizes (N, 2) int64 (height, width))` of the first
+    `num_records` records (default all), read without decoding their images (what canvas
+    buckets are planned from)."""
+    reader = _annotation_reader(source)
+    n = len(reader) if num_records is None else int(num_records)
+    records = [reader[i] for i in range(n)]
+    ids = np.asarray([r["image_id"] for r in records], np.int64).reshape(n)
+    return ids, np.asarray([r["original_size"] for r in records], np.int64).reshape(n, 2)
+
+
 def _annotation_reader(source):
     """The same records without decoding images (reading annotations of a whole split)."""
     try:

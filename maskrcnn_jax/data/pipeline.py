@@ -21,7 +21,8 @@ record positions are shuffled over the whole split with the seed, global batch `
 of it, each position with its own random draws (flip, scale). So the global batch of every step
 (and its augmentation) is the same with 1 process or N, no position is read by two processes,
 and a run resumes from the number of records consumed alone (`start_record`), also with another
-process count. Evaluation: `pad_shard` gives every process an equal-length contiguous shard.
+process count. Evaluation: `PaddedShard` gives every process an equal-length contiguous shard
+(of each canvas bucket's records, `bucket_positions`).
 """
 
 import logging
@@ -313,16 +314,22 @@ def shard_bounds(num_records: int, process_index: int, process_count: int) -> tu
 
 
 class PaddedShard:
-    """A contiguous shard of a data source (`shard_bounds`), padded to `ceil(n / P)` records by
-    repeating record 0 of the source marked `PADDING_KEY` (its example has batch_valid=False),
-    so every process reads the same number of batches."""
+    """This process's contiguous share of a data source's records (`shard_bounds` of
+    `positions`, default every record in order), padded to `ceil(len(positions) / P)` records by
+    repeating record `positions[0]` marked `PADDING_KEY` (its example has batch_valid=False), so
+    every process reads the same number of batches. With the positions of one canvas bucket
+    (`bucket_positions`) the padding fits that canvas too."""
 
-    def __init__(self, source, process_index: int, process_count: int):
-        if len(source) == 0:
+    def __init__(self, source, process_index: int, process_count: int,
+                 positions: Optional[Sequence[int]] = None):
+        positions = np.arange(len(source)) if positions is None else np.asarray(positions, np.int64)
+        if len(positions) == 0:
             raise ValueError("cannot shard an empty data source")
         self.source = source
-        self.start, self.end = shard_bounds(len(source), process_index, process_count)
-        self.length = -(-len(source) // process_count)
+        self.start, self.end = shard_bounds(len(positions), process_index, process_count)
+        self.positions = positions[self.start:self.end]
+        self.padding = int(positions[0])
+        self.length = -(-len(positions) // process_count)
 
     def __len__(self):
         return self.length
@@ -330,12 +337,44 @@ class PaddedShard:
     def __getitem__(self, index):
         if not 0 <= index < self.length:
             raise IndexError(index)
-        if self.start + index < self.end:
-            return self.source[self.start + index]
-        return {**self.source[0], PADDING_KEY: True}
+        if index < len(self.positions):
+            return self.source[int(self.positions[index])]
+        return {**self.source[self.padding], PADDING_KEY: True}
 
     def __repr__(self):
         return f"PaddedShard({self.source!r}, [{self.start}, {self.end}), length={self.length})"
+
+
+def bucket_positions(sizes, config, min_size: Optional[int] = None) -> dict:
+    """`{canvas: record positions}`: each record in the smallest canvas of
+    `config.canvas_buckets` that holds it resized at `min_size` (default: the last of
+    `config.min_size`, evaluation's); canvases in the config's order, positions in split order,
+    canvases that hold no record left out.
+
+    Args:
+      sizes: `(N, 2)` `(height, width)` of the records (`builders.original_sizes`).
+
+    Raises:
+      ValueError: naming the record's position and size, for one that fits no canvas or
+        resizes to 0 pixels.
+    """
+    from maskrcnn_jax.config import bucket_for
+
+    if min_size is None:
+        min_size = config.min_size if np.ndim(config.min_size) == 0 else config.min_size[-1]
+    buckets = [tuple(b) for b in (config.get("canvas_buckets") or [config.canvas_size])]
+    members: dict = {b: [] for b in buckets}
+    for position, (h, w) in enumerate(np.asarray(sizes).reshape(-1, 2)):
+        out = transform.resized_size(int(h), int(w), int(min_size), config.max_size)
+        divisible = config.size_divisible
+        pad = tuple(-(-v // divisible) * divisible for v in out)
+        canvas = bucket_for(pad, buckets) if min(out) >= 1 else None
+        if canvas is None:
+            raise ValueError(f"record {position}: size {h}x{w} resizes to {out[0]}x{out[1]} "
+                             f"(padded {pad[0]}x{pad[1]}), which fits none of the canvases "
+                             f"{buckets}")
+        members[canvas].append(position)
+    return {b: np.asarray(m, np.int64) for b, m in members.items() if m}
 
 
 def _stack_padded(batch_size: int):

@@ -5,11 +5,14 @@
     metrics['bbox/AP'], metrics['segm/AP50']
 
 Inference runs batched through one jit-compiled function over the input pipeline's eval batches,
-sharded over every device of every process (a `('data',)` mesh): each JAX process reads its own
-contiguous shard of the split (`pipeline.PaddedShard`: every shard padded to the same length
-with masked images, so every process runs the same number of batches), its detections are
-gathered to process 0 in split order, one COCOeval runs there and its metrics are broadcast,
-so the metrics are those of a single-process run. Detections are mapped back to original-image pixels on the host exactly as `Predictor` does
+sharded over every device of every process (a `('data',)` mesh). Each image goes to the
+smallest canvas of `config.canvas_buckets` that holds it (as `Predictor`; one compiled
+function per canvas used): the buckets are planned from the records' sizes, the same on every
+process, and each JAX process reads its own contiguous share of each bucket
+(`pipeline.PaddedShard`: every share padded to the same length with masked images, so every
+process runs the same batches of the same canvas). The detections are gathered to process 0
+and put back in split order, one COCOeval runs there and its metrics are broadcast, so the
+metrics are those of a single-process run. Detections are mapped back to original-image pixels on the host exactly as `Predictor` does
 (`transform.resize_boxes`, `transform.paste_masks`) and converted to COCO results as
 torchvision's reference `coco_eval.py` does (masks thresholded at 0.5 and RLE-encoded, boxes
 as xywh, contiguous labels mapped back to the data set's category ids).
@@ -102,9 +105,15 @@ def encode_masks(binary_masks: np.ndarray) -> list[dict]:
     return rles
 
 
+# COCOeval implementations `coco_evaluate` can run: pycocotools (the reference) and
+# faster-coco-eval (a C++ COCOeval, `pip install faster-coco-eval`; the same 12 stats).
+COCO_BACKENDS = ("pycocotools", "faster_coco_eval")
+
+
 def coco_evaluate(ground_truth, results: Sequence[dict], iou_type: str,
-                  image_ids: Optional[Sequence[int]] = None, verbose: bool = True) -> dict:
-    """pycocotools `COCOeval` of COCO result dicts; `{'AP': ..., 'AP50': ..., ...}` (12 stats).
+                  image_ids: Optional[Sequence[int]] = None, verbose: bool = True,
+                  backend: str = "pycocotools") -> dict:
+    """`COCOeval` of COCO result dicts; `{'AP': ..., 'AP50': ..., ...}` (12 stats).
 
     Args:
       ground_truth: a pycocotools `COCO` (e.g. `builders.coco_ground_truth(source)`).
@@ -113,15 +122,35 @@ def coco_evaluate(ground_truth, results: Sequence[dict], iou_type: str,
         detectron2, not the box areas `loadRes` would take when both are present).
       iou_type: 'bbox' or 'segm'.
       image_ids: evaluate these images only (default: every ground-truth image).
-      verbose: print pycocotools' progress and the 12-line summary.
+      verbose: print the implementation's progress and the 12-line summary.
+      backend: 'pycocotools' or 'faster_coco_eval' (`COCO_BACKENDS`; the latter must be
+        installed: the `fast-eval` extra).
 
     An empty `results` gives AP and AR 0 (an image set with no ground truth gives -1).
+
+    Raises:
+      ValueError: for an unknown backend; ImportError (naming the package) when the backend
+        is not installed.
     """
     import contextlib
     import io
 
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
+    if backend not in COCO_BACKENDS:
+        raise ValueError(f"COCO evaluation backend {backend!r}: choose from {COCO_BACKENDS}")
+    if backend == "faster_coco_eval":
+        try:
+            from faster_coco_eval import COCO
+            from faster_coco_eval import COCOeval_faster as COCOeval
+        except ImportError as e:
+            raise ImportError("the faster_coco_eval backend needs `pip install faster-coco-eval` "
+                              "(the fast-eval extra)") from e
+        gt = COCO()
+        gt.dataset = copy.deepcopy(ground_truth.dataset)
+        gt.createIndex()
+        ground_truth = gt
+    else:
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
 
     drop = "segmentation" if iou_type == "bbox" else "bbox"
     results = [{k: v for k, v in r.items() if k != drop} for r in results]  # loadRes mutates
@@ -135,7 +164,8 @@ def coco_evaluate(ground_truth, results: Sequence[dict], iou_type: str,
                                   "categories": copy.deepcopy(ground_truth.dataset["categories"]),
                                   "annotations": []}
             detections.createIndex()
-        evaluator = COCOeval(ground_truth, detections, iou_type)
+        options = {} if backend == "pycocotools" else {"print_function": print}
+        evaluator = COCOeval(ground_truth, detections, iou_type, **options)
         if image_ids is not None:
             evaluator.params.imgIds = sorted(int(i) for i in image_ids)
         evaluator.evaluate()
@@ -218,7 +248,8 @@ class _FirstImages:
 
 def evaluate(model_config, variables, source, *, batch_size: int = 8,
              workdir: Optional[str] = None, max_images: Optional[int] = None,
-             progress: bool = True, mesh: Optional[Mesh] = None) -> dict:
+             progress: bool = True, mesh: Optional[Mesh] = None,
+             coco_backend: str = "pycocotools") -> dict:
     """COCO bbox and segm metrics of a model on a data source, on every device of every process.
 
     Every process must call it (the batches are global arrays and the detections are
@@ -238,6 +269,8 @@ def evaluate(model_config, variables, source, *, batch_size: int = 8,
       max_images: evaluate the first `max_images` images only.
       progress: show a tqdm progress bar (process 0) and print pycocotools' summaries.
       mesh: a 1-D `('data',)` mesh (default `eval_mesh()`: every device of every process).
+      coco_backend: the COCOeval that computes the metrics (`COCO_BACKENDS`, see
+        `coco_evaluate`): 'pycocotools' or the faster, equal 'faster_coco_eval'.
 
     Returns:
       `{'bbox/AP': ..., 'bbox/AP50': ..., ..., 'segm/ARl': ...}`: the 12 `COCOeval` stats of
@@ -250,6 +283,8 @@ def evaluate(model_config, variables, source, *, batch_size: int = 8,
 
     if batch_size < 1:
         raise ValueError(f"batch_size (images per device) must be >= 1, got {batch_size}")
+    if coco_backend not in COCO_BACKENDS:  # before the long inference, not after it
+        raise ValueError(f"coco_backend {coco_backend!r}: choose from {COCO_BACKENDS}")
     config = frozen(model_config)
     mesh = eval_mesh() if mesh is None else mesh
     if mesh.axis_names != ("data",):
@@ -261,24 +296,34 @@ def evaluate(model_config, variables, source, *, batch_size: int = 8,
     label_to_category = label_to_category_map(builders.categories(source))
     data = source if max_images is None else _FirstImages(source, max_images)
     num_images = len(data)
-    shard = pipeline.PaddedShard(data, jax.process_index(), jax.process_count())
-    # Ground-truth slots are not used here: keep their mask crops tiny. NoSharding: the shard
-    # is this process's already.
-    loader = pipeline.make_dataset(shard, config, batch_size=local_batch, train=False,
-                                   max_instances=128, mask_crop_size=4,
-                                   shard_options=grain.sharding.NoSharding())
+    # Every process plans the same buckets from the records' sizes (no image decoded), then
+    # reads its share of each bucket: the same batches per bucket on every process.
+    split_ids, sizes = builders.image_ids_and_sizes(source, num_images)
+    buckets = pipeline.bucket_positions(sizes, config)
+    shards = {canvas: pipeline.PaddedShard(data, jax.process_index(), jax.process_count(),
+                                           positions)
+              for canvas, positions in buckets.items()}
     results, image_ids = [], []
     pending = None
     show = progress and jax.process_index() == 0
-    bar = tqdm(total=len(shard), desc="evaluate", unit="img", disable=not show)
-    # Dispatch a batch before finishing the previous one: host post-processing overlaps the
-    # device computation (jax dispatch is asynchronous).
-    for batch in loader:
-        inputs = [_shard_local(batch[k], mesh) for k in ("images", "image_sizes", "padded_sizes")]
-        out = forward(variables, *inputs)
-        if pending is not None:
-            results += _finish_batch(*pending, label_to_category, image_ids, bar)
-        pending = (out, batch)
+    bar = tqdm(total=sum(len(s) for s in shards.values()), desc="evaluate", unit="img",
+               disable=not show)
+    for canvas, shard in shards.items():
+        # Ground-truth slots are not used here: keep their mask crops tiny. NoSharding: the
+        # shard is this process's already.
+        loader = pipeline.make_dataset(shard, _with_canvas(config, canvas),
+                                       batch_size=local_batch, train=False, max_instances=128,
+                                       mask_crop_size=4, shard_options=grain.sharding.NoSharding())
+        # Dispatch a batch before finishing the previous one: host post-processing overlaps
+        # the device computation (jax dispatch is asynchronous). One compiled function per
+        # canvas (the images' shape).
+        for batch in loader:
+            inputs = [_shard_local(batch[k], mesh) for k in ("images", "image_sizes",
+                                                             "padded_sizes")]
+            out = forward(variables, *inputs)
+            if pending is not None:
+                results += _finish_batch(*pending, label_to_category, image_ids, bar)
+            pending = (out, batch)
     if pending is not None:
         results += _finish_batch(*pending, label_to_category, image_ids, bar)
     bar.close()
@@ -292,11 +337,16 @@ def evaluate(model_config, variables, source, *, batch_size: int = 8,
         if len(all_ids) != num_images or len(set(all_ids)) != num_images:
             raise RuntimeError(f"evaluated {len(all_ids)} images ({len(set(all_ids))} distinct), "
                                f"expected the {num_images} of the split once each")
+        # Buckets and shards reorder the images: back to the split's order (each image's
+        # detections in their own order, a stable sort), as one process with one canvas.
+        position = {int(image_id): k for k, image_id in enumerate(split_ids)}
+        all_results.sort(key=lambda r: position[r["image_id"]])
+        all_ids.sort(key=position.__getitem__)
         ground_truth = builders.coco_ground_truth(source)
         metrics = {}
         for iou_type in IOU_TYPES:
             stats = coco_evaluate(ground_truth, all_results, iou_type, image_ids=all_ids,
-                                  verbose=progress)
+                                  verbose=progress, backend=coco_backend)
             metrics.update({f"{iou_type}/{name}": value for name, value in stats.items()})
         log.info("evaluated %d images on %d devices (%d processes), %d detections: bbox AP "
                  "%.4f, segm AP %.4f", len(all_ids), mesh.devices.size, jax.process_count(),
@@ -309,6 +359,13 @@ def evaluate(model_config, variables, source, *, batch_size: int = 8,
                 json.dump({**metrics, "num_images": len(all_ids),
                            "num_detections": len(all_results)}, f, indent=2, sort_keys=True)
     return broadcast_from_process_zero(metrics, keys)
+
+
+def _with_canvas(config, canvas):
+    """`config` whose `canvas_size` (what the input pipeline pads into) is `canvas`."""
+    values = config.to_dict()
+    values["canvas_size"] = tuple(canvas)
+    return frozen(values)
 
 
 def _replicated(variables, mesh: Mesh):

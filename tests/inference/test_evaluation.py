@@ -199,6 +199,43 @@ def test_ap_matches_torchvision(reference, evaluated):
             assert abs(ours[key] - ref[key]) <= AP_TOLERANCE, (key, ours[key], ref[key])
 
 
+def test_canvas_buckets_compile_once_each_and_keep_torchvisions_ap(converted, dataset,
+                                                                   reference):
+    """Without a canvas_size, evaluation runs each image in the smallest canvas bucket that
+    holds it: one compiled function per bucket used, none when run again on other images,
+    and the AP is still torchvision's (which ran every image alone)."""
+    from maskrcnn_jax.data import pipeline
+    from maskrcnn_jax.models.maskrcnn import frozen
+
+    config, variables = converted
+    bucketed = model_config(**{**config.to_dict(), "canvas_size": None, "canvas_buckets": None})
+    assert bucketed.canvas_buckets == ((128, 128), (128, 160), (160, 128))
+    _, sizes = builders.image_ids_and_sizes(dataset["source"])
+    used = pipeline.bucket_positions(sizes, bucketed)
+    assert {c: len(p) for c, p in used.items()} == {(128, 128): 2, (128, 160): 17,
+                                                    (160, 128): 13}
+    ours = evaluation.evaluate(bucketed, variables, dataset["source"], batch_size=BATCH_SIZE,
+                               progress=False)
+    forward = evaluation.inference_fn(frozen(bucketed), evaluation.eval_mesh())
+    assert forward._cache_size() == 3
+    evaluation.evaluate(bucketed, variables, dataset["source"], batch_size=BATCH_SIZE,
+                        progress=False, max_images=5)
+    assert forward._cache_size() == 3  # other images, the same buckets: nothing compiled
+    ref, _ = reference
+    for iou_type in ("bbox", "segm"):
+        for name in ("AP", "AP50", "AP75", "APs", "APm", "AR1", "AR100"):
+            key = f"{iou_type}/{name}"
+            assert abs(ours[key] - ref[key]) <= AP_TOLERANCE, (key, ours[key], ref[key])
+
+
+def test_an_image_that_fits_no_bucket_is_named():
+    from maskrcnn_jax.data import pipeline
+
+    config = model_config(min_size=128, max_size=160, canvas_buckets=[(128, 128)])
+    with pytest.raises(ValueError, match=r"record 1: size 100x130 resizes to 123x160 .*none of"):
+        pipeline.bucket_positions(np.asarray([[100, 100], [100, 130]]), config)
+
+
 def test_detections_file(reference, evaluated, dataset):
     _, ref_results = reference
     metrics, workdir = evaluated
@@ -272,6 +309,26 @@ def test_empty_detections(dataset):
         assert stats["APl"] in (0.0, -1.0)
 
 
+def test_faster_coco_eval_equals_pycocotools(dataset, reference):
+    """The optional C++ COCOeval gives pycocotools' 24 stats on the same results, to float64
+    summation order (measured: 1e-16)."""
+    expected, results = reference
+    gt = builders.coco_ground_truth(dataset["source"])
+    fast = {}
+    for iou_type in evaluation.IOU_TYPES:
+        stats = evaluation.coco_evaluate(gt, results, iou_type, verbose=False,
+                                         backend="faster_coco_eval")
+        fast.update({f"{iou_type}/{k}": v for k, v in stats.items()})
+    assert sorted(fast) == sorted(expected) and len(fast) == 24
+    assert fast == pytest.approx(expected, abs=1e-12, rel=0)
+    # Not vacuous: equal stats on other results would differ (the check can fail).
+    worse = evaluation.coco_evaluate(gt, results[::2], "segm", verbose=False,
+                                     backend="faster_coco_eval")
+    assert worse["AP"] != expected["segm/AP"]
+    with pytest.raises(ValueError, match="backend 'cocoapi'"):
+        evaluation.coco_evaluate(gt, results, "bbox", backend="cocoapi")
+
+
 def test_segm_uses_mask_areas(dataset):
     """A detection equal to a ground-truth object counts in that object's area range by mask."""
     gt = builders.coco_ground_truth(dataset["source"])
@@ -292,14 +349,14 @@ def test_cli_on_converted_checkpoint(converted, dataset, evaluated, tmp_path, ca
     assert eval_cli.main(["--checkpoint", checkpoint, "--data", "coco_instances",
                      "--data_dir", dataset["data_dir"], "--manual_dir", dataset["manual_dir"],
                      "--split", "validation", "--workdir", out,
-                     "--batch_size", str(BATCH_SIZE)]) == 0
+                     "--batch_size", str(BATCH_SIZE), "--coco_eval", "faster_coco_eval"]) == 0
     printed = capsys.readouterr().out
     assert "IoU metric: bbox" in printed and "IoU metric: segm" in printed
     assert printed.count("Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all") == 2
     with open(os.path.join(out, "metrics.json")) as f:
         saved = json.load(f)
-    expected, _ = evaluated
-    assert {k: saved[k] for k in expected} == expected
+    expected, _ = evaluated  # pycocotools' stats of the same detections
+    assert {k: saved[k] for k in expected} == pytest.approx(expected, abs=1e-12, rel=0)
     assert os.path.exists(os.path.join(out, "detections.json"))
 
 

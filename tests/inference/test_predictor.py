@@ -51,3 +51,27 @@ def test_missing_and_extra_parameters_are_named(tiny):
     message = str(info.value)
     assert "params/mask_predictor/mask_fcn_logits/kernel: missing" in message
     assert "params/surplus/kernel: not in the model" in message
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(),
+    dict(architecture="v2", mask_head_layers=(16, 16)),
+    dict(backbone_norm="group_norm", compute_dtype="bfloat16", mask_size=14),
+], ids=["v1", "v2", "group_norm_bf16"])
+def test_variable_shapes_are_those_of_the_full_init(tiny, overrides):
+    """The check's shapes (`MaskRCNN.create_parameters`, no proposal / detection steps) are the
+    variables the full forward's `init` creates: every path and shape."""
+    import jax
+    import jax.numpy as jnp
+
+    from maskrcnn_jax.models.maskrcnn import MaskRCNN, frozen, variable_shapes
+
+    config = tiny[0].copy_and_resolve_references()
+    config.update(overrides)
+    images, sizes = jnp.zeros((1, 64, 64, 3)), jnp.full((1, 2), 64, jnp.int32)
+    small = config.copy_and_resolve_references()
+    small.canvas_size = (64, 64)
+    full = jax.eval_shape(MaskRCNN(frozen(small)).init, jax.random.key(0), images, sizes, sizes)
+    full = {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(full)[0]}
+    assert len(full) > 50 and variable_shapes(config) == full
