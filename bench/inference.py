@@ -42,7 +42,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import jax  # noqa: E402
 import torch  # noqa: E402
-from timing import header, median_seconds, seconds, torch_device, torch_sync  # noqa: E402
+from timing import (  # noqa: E402
+    detecting_torchvision_maskrcnn,
+    header,
+    median_seconds,
+    seconds,
+    torch_device,
+    torch_sync,
+)
 
 from maskrcnn_jax.config import bucket_for, model_config  # noqa: E402
 from maskrcnn_jax.data.transform import padded_size, resized_size  # noqa: E402
@@ -109,12 +116,7 @@ def main():
     device = torch_device(jax, torch)
     print("Inference benchmark, R50-FPN")
     header(THREADS, torch, torchvision, jax, device)
-    torch.manual_seed(0)
-    model = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None).eval()
-    with torch.no_grad():
-        model.rpn.head.cls_logits.weight.mul_(4.0)
-        model.roi_heads.box_predictor.cls_score.weight.mul_(3.0)
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model, state = detecting_torchvision_maskrcnn(torch, torchvision)
     model.to(device)
     rng = np.random.default_rng(0)
     print(f"maskrcnn_jax canvas: --canvas {args.canvas} " + {

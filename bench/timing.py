@@ -83,3 +83,16 @@ def torch_sync(torch, device):
     """Wait for torch's queued GPU work (no-op on the CPU), so the wall time covers it."""
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def detecting_torchvision_maskrcnn(torch, torchvision):
+    """torchvision's `maskrcnn_resnet50_fpn` in eval mode with random weights (seed 0) made to
+    detect (RPN and class logits scaled: ~100 detections per image, so the post-processing does
+    real work), and a copy of its state dict (to convert). Returns `(model, state_dict)`."""
+    torch.manual_seed(0)
+    model = torchvision.models.detection.maskrcnn_resnet50_fpn(
+        weights=None, weights_backbone=None).eval()
+    with torch.no_grad():
+        model.rpn.head.cls_logits.weight.mul_(4.0)
+        model.roi_heads.box_predictor.cls_score.weight.mul_(3.0)
+    return model, {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -152,10 +152,19 @@ def paste_masks(masks: np.ndarray, boxes: np.ndarray, image_size, padding: int =
     """Paste `(N, M, M)` mask probabilities into a `(N, H, W)` image, as torchvision's
     `paste_masks_in_image` (one-pixel zero padding, expanded boxes truncated to int64, each
     mask resized to its box with bilinear interpolation, clipped placement)."""
+    out = np.zeros((len(masks), int(image_size[0]), int(image_size[1])), np.float32)
+    for i, (ya, yb, xa, xb), crop in pasted_crops(masks, boxes, image_size, padding):
+        out[i, ya:yb, xa:xb] = crop
+    return out
+
+
+def pasted_crops(masks: np.ndarray, boxes: np.ndarray, image_size, padding: int = 1):
+    """`paste_masks` one box extent at a time, without the full-image arrays: yields
+    `(i, (y0, y1, x0, x1), crop)` for each mask `i` whose expanded box meets the image, `crop`
+    `(y1 - y0, x1 - x0)` float32 being `paste_masks(...)[i, y0:y1, x0:x1]` (zero elsewhere)."""
     im_h, im_w = int(image_size[0]), int(image_size[1])
-    out = np.zeros((len(masks), im_h, im_w), np.float32)
     if len(masks) == 0:
-        return out
+        return
     m = masks.shape[-1]
     scale = np.float32((m + 2 * padding) / m)  # torch: a Python float applied as float32
     padded = np.pad(np.asarray(masks, np.float32), ((0, 0), (padding, padding), (padding, padding)))
@@ -166,14 +175,12 @@ def paste_masks(masks: np.ndarray, boxes: np.ndarray, image_size, padding: int =
     y_c = (boxes[:, 3] + boxes[:, 1]) * np.float32(0.5)
     expanded = np.stack([x_c - w_half, y_c - h_half, x_c + w_half, y_c + h_half], 1)
     expanded = np.trunc(expanded).astype(np.int64)  # torch .to(int64) truncates toward zero
-    for i, (x0, y0, x1, y1) in enumerate(expanded):
-        w, h = max(int(x1 - x0 + 1), 1), max(int(y1 - y0 + 1), 1)
-        resized = bilinear_resize(padded[i], h, w)
+    for i, (x0, y0, x1, y1) in enumerate(expanded.tolist()):
         xa, xb = max(x0, 0), min(x1 + 1, im_w)
         ya, yb = max(y0, 0), min(y1 + 1, im_h)
         if xb > xa and yb > ya:
-            out[i, ya:yb, xa:xb] = resized[ya - y0:yb - y0, xa - x0:xb - x0]
-    return out
+            resized = bilinear_resize(padded[i], max(y1 - y0 + 1, 1), max(x1 - x0 + 1, 1))
+            yield i, (ya, yb, xa, xb), resized[ya - y0:yb - y0, xa - x0:xb - x0]
 
 
 def detect_in_batches(images: Sequence[np.ndarray], config, batch_size: int, forward,

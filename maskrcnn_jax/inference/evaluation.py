@@ -12,10 +12,11 @@ process, and each JAX process reads its own contiguous share of each bucket
 (`pipeline.PaddedShard`: every share padded to the same length with masked images, so every
 process runs the same batches of the same canvas). The detections are gathered to process 0
 and put back in split order, one COCOeval runs there and its metrics are broadcast, so the
-metrics are those of a single-process run. Detections are mapped back to original-image pixels on the host exactly as `Predictor` does
-(`transform.resize_boxes`, `transform.paste_masks`) and converted to COCO results as
-torchvision's reference `coco_eval.py` does (masks thresholded at 0.5 and RLE-encoded, boxes
-as xywh, contiguous labels mapped back to the data set's category ids).
+metrics are those of a single-process run. Detections are mapped back to original-image
+pixels on the host as `Predictor` does (`transform.resize_boxes`; each mask pasted within its
+box's extent only, `pasted_mask_rles`, never as a full-image array) and converted to COCO
+results as torchvision's reference `coco_eval.py` does (masks thresholded at 0.5 and
+RLE-encoded, boxes as xywh, contiguous labels mapped back to the data set's category ids).
 """
 
 import copy
@@ -30,7 +31,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from maskrcnn_jax.data.transform import paste_masks, resize_boxes
+from maskrcnn_jax.data.transform import pasted_crops, resize_boxes
 from maskrcnn_jax.models.maskrcnn import MaskRCNN, frozen
 
 log = logging.getLogger(__name__)
@@ -40,10 +41,6 @@ log = logging.getLogger(__name__)
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
               "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 IOU_TYPES = ("bbox", "segm")
-
-# Detections pasted at once: full-image float32 masks are large (100 x 480 x 640 x 4 B = 123 MB).
-_PASTE_CHUNK = 16
-
 
 def label_to_category_map(categories: Sequence[Mapping]) -> dict[int, int]:
     """`{contiguous label: category id}` from `builders.categories(source)` entries."""
@@ -108,6 +105,55 @@ def encode_masks(binary_masks: np.ndarray) -> list[dict]:
 # COCOeval implementations `coco_evaluate` can run: pycocotools (the reference) and
 # faster-coco-eval (a C++ COCOeval, `pip install faster-coco-eval`; the same 12 stats).
 COCO_BACKENDS = ("pycocotools", "faster_coco_eval")
+
+
+def pasted_mask_rles(mask_probs, boxes, image_size, mask_threshold: float = 0.5) -> list[dict]:
+    """COCO RLEs of `transform.paste_masks(mask_probs, boxes, image_size) > mask_threshold`
+    (what `detections_to_coco` encodes), computed from each box's extent alone: the full-image
+    masks are never built (`transform.pasted_crops`), so the cost is the boxes' area, not
+    `N x H x W`.
+
+    Args:
+      mask_probs: `(N, M, M)` float mask probabilities on their boxes.
+      boxes: `(N, 4)` float `(x1, y1, x2, y2)` in original-image pixels.
+      image_size: `(H, W)` of the original image.
+
+    Returns:
+      `N` RLEs `{'size': [H, W], 'counts': str}`, equal to `encode_masks` of the pasted masks.
+    """
+    from pycocotools import mask as mask_utils
+
+    height, width = int(image_size[0]), int(image_size[1])
+    counts = [[height * width] for _ in range(len(mask_probs))]
+    for i, (y0, _, x0, _), crop in pasted_crops(mask_probs, boxes, image_size):
+        counts[i] = _column_major_counts(crop > mask_threshold, y0, x0, height, width)
+    if not counts:
+        return []
+    rles = mask_utils.frPyObjects([{"size": [height, width], "counts": c} for c in counts],
+                                  height, width)
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("utf-8")
+    return rles
+
+
+def _column_major_counts(binary: np.ndarray, y0: int, x0: int, height: int,
+                         width: int) -> list[int]:
+    """Uncompressed COCO RLE counts (run lengths of 0s and 1s alternating, from a 0-run, in
+    column-major order, as `pycocotools.mask.encode`) of a `(height, width)` mask that is
+    `binary` at `[y0:, x0:]` and 0 elsewhere."""
+    # Per crop column, +1 / -1 where a run of 1s starts / ends (zero rows padded around it);
+    # nonzero() walks the columns in order: the image's column-major order.
+    edges = np.diff(np.pad(binary.T.astype(np.int8), ((0, 0), (1, 1))), axis=1)
+    cols, rows = np.nonzero(edges)
+    index = (x0 + cols) * height + y0 + rows  # start, end, start, end, ... (end exclusive)
+    # A run reaching a column's last row and one starting at the next column's first row are
+    # one run in column-major order.
+    joined = np.flatnonzero(index[1:-1:2] == index[2::2])
+    index = np.delete(index, np.concatenate([2 * joined + 1, 2 * joined + 2]))
+    counts = np.diff(np.concatenate([[0], index, [height * width]])).tolist()
+    if len(counts) > 1 and counts[-1] == 0:  # ends with a 1-run: no trailing 0-run
+        counts.pop()
+    return counts
 
 
 def coco_evaluate(ground_truth, results: Sequence[dict], iou_type: str,
@@ -395,7 +441,8 @@ def _local_rows(array: jax.Array) -> np.ndarray:
 
 
 def _finish_batch(out, batch, label_to_category, image_ids, bar) -> list[dict]:
-    """COCO results of the real images of a batch (as `Predictor._finish`, plus encoding)."""
+    """COCO results of the real images of a batch (as `Predictor._finish`, plus encoding: each
+    mask thresholded and RLE-encoded from its box's extent, `pasted_mask_rles`)."""
     out = {k: _local_rows(v) for k, v in out.items()}
     results = []
     for i in np.flatnonzero(batch["batch_valid"]):
@@ -403,12 +450,12 @@ def _finish_batch(out, batch, label_to_category, image_ids, bar) -> list[dict]:
         image_id = int(batch["image_ids"][i])
         original = tuple(int(v) for v in batch["original_sizes"][i])
         boxes = resize_boxes(out["boxes"][i, :n], batch["image_sizes"][i], original)
-        for start in range(0, max(n, 1), _PASTE_CHUNK):
-            end = min(start + _PASTE_CHUNK, n)
-            masks = paste_masks(out["mask_probs"][i, start:end], boxes[start:end], original)
-            results += detections_to_coco(image_id, boxes[start:end], out["scores"][i, start:end],
-                                          out["labels"][i, start:end], masks, label_to_category)
+        image_results = detections_to_coco(image_id, boxes, out["scores"][i, :n],
+                                           out["labels"][i, :n], None, label_to_category)
+        for result, rle in zip(image_results,
+                               pasted_mask_rles(out["mask_probs"][i, :n], boxes, original)):
+            result["segmentation"] = rle
+        results += image_results
         image_ids.append(image_id)
         bar.update(1)
     return results
-

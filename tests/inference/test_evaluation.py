@@ -292,6 +292,32 @@ def test_detections_to_coco_round_trip():
     assert all("segmentation" not in r for r in boxes_only)
 
 
+def test_pasted_mask_rles_equal_encoding_the_pasted_masks():
+    """Evaluation's RLEs from each box's extent are pycocotools' encoding of the full pasted
+    masks (torchvision's `paste_masks_in_image`, tested in test_transform) thresholded at 0.5:
+    boxes inside, across and outside the borders, masks all 1 (runs joining across columns),
+    random, and empty."""
+    from maskrcnn_jax.data.transform import paste_masks
+
+    rng = np.random.default_rng(0)
+    checked = 0
+    for trial in range(60):
+        height, width = (int(v) for v in rng.integers(5, 60, 2))
+        n = int(rng.integers(0, 8))
+        x0, y0 = rng.uniform(-10, width, n), rng.uniform(-10, height, n)
+        boxes = np.stack([x0, y0, x0 + rng.uniform(0, width + 10, n),
+                          y0 + rng.uniform(0, height + 10, n)], 1).astype(np.float32)
+        probs = rng.random((n, 6, 6)).astype(np.float32)
+        if trial % 3 == 0:
+            probs = np.ones_like(probs)
+        expected = evaluation.encode_masks(paste_masks(probs, boxes, (height, width)) > 0.5)
+        got = evaluation.pasted_mask_rles(probs, boxes, (height, width))
+        assert [(list(r["size"]), r["counts"]) for r in got] == \
+            [(list(r["size"]), r["counts"]) for r in expected], trial
+        checked += sum(mask_utils.area(r) > 0 for r in expected)
+    assert checked > 50  # most masks are not empty: the comparison is not vacuous
+
+
 def test_label_mapping(dataset):
     mapping = evaluation.label_to_category_map(builders.categories(dataset["source"]))
     assert mapping == {1: 3, 2: 7, 3: 18, 4: 25}
