@@ -27,6 +27,7 @@ process count. Evaluation: `PaddedShard` gives every process an equal-length con
 
 import logging
 import sys
+import threading
 from typing import Optional, Sequence
 
 import grain
@@ -131,7 +132,7 @@ def _select_instances(record, keep: np.ndarray, max_instances: int):
 
 
 def prepare_example(record: dict, config, *, min_size: int, flip: bool, max_instances: int,
-                    mask_crop_size: int = 112) -> dict:
+                    mask_crop_size: int = 112, canvas_size=None) -> dict:
     """One record -> the per-image arrays of a batch (`BATCH_FIELDS` without the batch axis).
 
     Args:
@@ -141,6 +142,7 @@ def prepare_example(record: dict, config, *, min_size: int, flip: bool, max_inst
       flip: flip horizontally before resizing.
       max_instances: G.
       mask_crop_size: S.
+      canvas_size: the canvas to pad into (default `config.canvas_size`).
     """
     image = np.asarray(record["image"])
     h0, w0 = image.shape[:2]
@@ -154,7 +156,8 @@ def prepare_example(record: dict, config, *, min_size: int, flip: bool, max_inst
     if flip:
         image = image[:, ::-1]
         boxes = np.stack([w0 - boxes[:, 2], boxes[:, 1], w0 - boxes[:, 0], boxes[:, 3]], 1)
-    batch = transform.preprocess([np.ascontiguousarray(image)], config, min_size=min_size)
+    batch = transform.preprocess([np.ascontiguousarray(image)], config, min_size=min_size,
+                                 canvas_size=canvas_size)
     h, w = (int(v) for v in batch.image_sizes[0])
     # torchvision resize_boxes: ratios new / original as float32 tensors.
     ratio = np.asarray([w, h, w, h], np.float32) / np.asarray([w0, h0, w0, h0], np.float32)
@@ -187,13 +190,16 @@ def prepare_example(record: dict, config, *, min_size: int, flip: bool, max_inst
 
 
 class _Prepare(grain.transforms.RandomMap):
-    """grain step: draws the flip and scale jitter from grain's per-record generator."""
+    """grain step: draws the flip and scale jitter from grain's per-record generator; with
+    `bucketed`, pads each image into its canvas bucket (`record_canvas` at the largest
+    `min_sizes`, so that every scale of the jitter fits), else into `config.canvas_size`."""
 
     def __init__(self, config, train: bool, min_sizes: Sequence[int], flip_probability: float,
-                 max_instances: int, mask_crop_size: int):
+                 max_instances: int, mask_crop_size: int, bucketed: bool = False):
         self.config, self.train, self.min_sizes = config, train, tuple(min_sizes)
         self.flip_probability = flip_probability
         self.max_instances, self.mask_crop_size = max_instances, mask_crop_size
+        self.bucketed = bucketed
 
     def random_map(self, record, rng: np.random.Generator):
         if self.train:  # torchvision: random choice of min_size in training, the last one else
@@ -201,9 +207,13 @@ class _Prepare(grain.transforms.RandomMap):
             flip = bool(rng.random() < self.flip_probability)
         else:
             min_size, flip = self.min_sizes[-1], False
+        canvas = None
+        if self.bucketed:
+            h, w = (int(v) for v in np.asarray(record["original_size"]).reshape(2))
+            canvas = record_canvas(h, w, self.config, max(self.min_sizes))
         return prepare_example(record, self.config, min_size=min_size, flip=flip,
                                max_instances=self.max_instances,
-                               mask_crop_size=self.mask_crop_size)
+                               mask_crop_size=self.mask_crop_size, canvas_size=canvas)
 
 
 # Set in the records `PaddedShard` repeats to fill a shard: their examples get batch_valid=False.
@@ -222,6 +232,13 @@ class GlobalBatchSampler:
     `(worker, batch of that worker, row)` such that the loader's `k`-th batch is global batch
     `k` whatever the worker count.
 
+    With `groups` (a group, e.g. a canvas bucket, per record), every global batch holds
+    records of one group, as torchvision's `GroupedBatchSampler`: the global sequence's
+    positions are taken in order, each joins its record's group, and a group that has G
+    positions becomes the next global batch (`GroupedBatches`). It is still one sequence of
+    global batches whatever the process count, and global batch `s` is a function of `s`
+    alone (so `start_record = s * G` resumes it).
+
     Args:
       num_records: records in the split.
       global_batch_size: G, a multiple of `process_count`.
@@ -230,11 +247,12 @@ class GlobalBatchSampler:
       start_record: positions already consumed (a resumed run: step * G).
       worker_count: the DataLoader's (0: in-process).
       num_epochs: None (forever) or the number of passes; then only whole global batches.
+      groups: `(num_records,)` int group of each record, or None (no grouping).
     """
 
     def __init__(self, num_records: int, global_batch_size: int, process_index: int,
                  process_count: int, seed: int, start_record: int = 0, worker_count: int = 0,
-                 num_epochs: Optional[int] = None):
+                 num_epochs: Optional[int] = None, groups: Optional[Sequence[int]] = None):
         if global_batch_size <= 0 or global_batch_size % process_count:
             raise ValueError(f"global batch size {global_batch_size} must be a positive multiple "
                              f"of the process count {process_count}")
@@ -251,9 +269,22 @@ class GlobalBatchSampler:
         self._shard_options = grain.sharding.NoSharding()
         self._global = grain.samplers.IndexSampler(num_records=self.num_records, shuffle=True,
                                                    seed=self.seed)
+        self._grouped = None
+        if groups is not None:
+            if len(groups) != self.num_records:
+                raise ValueError(f"{len(groups)} groups for {self.num_records} records")
+            if self.start_record % self.global_batch_size:
+                raise ValueError(f"grouped batches resume at a whole global batch: start_record "
+                                 f"{start_record} is not a multiple of {global_batch_size}")
+            self._grouped = GroupedBatches(self._global, np.asarray(groups),
+                                           self.global_batch_size)
         self._len = None
         if num_epochs is not None:
-            steps = (num_epochs * self.num_records - self.start_record) // self.global_batch_size
+            if self._grouped is None:
+                total = (num_epochs * self.num_records) // self.global_batch_size
+            else:  # the global batches complete within the epochs' positions
+                total = self._grouped.batches_within(num_epochs * self.num_records)
+            steps = total - self.start_record // self.global_batch_size
             self._len = max(steps, 0) * self.local_batch_size
 
     def __len__(self) -> int:
@@ -264,8 +295,11 @@ class GlobalBatchSampler:
         worker, q = index % self.workers, index // self.workers
         batch_of_worker, row = divmod(q, self.local_batch_size)
         step = batch_of_worker * self.workers + worker
-        return (self.start_record + step * self.global_batch_size
-                + self.process_index * self.local_batch_size + row)
+        offset = self.process_index * self.local_batch_size + row
+        if self._grouped is not None:
+            return int(self._grouped.batch(self.start_record // self.global_batch_size
+                                           + step)[offset])
+        return self.start_record + step * self.global_batch_size + offset
 
     def __getitem__(self, index: int) -> grain.RecordMetadata:
         if index < 0 or (self._len is not None and index >= self._len):
@@ -279,6 +313,60 @@ class GlobalBatchSampler:
                 f"global_batch_size={self.global_batch_size}, process_index={self.process_index}, "
                 f"process_count={self.process_count}, seed={self.seed}, "
                 f"start_record={self.start_record}, workers={self.workers})")
+
+
+class GroupedBatches:
+    """Global batches of one group each, cut from the global sequence (torchvision's
+    `GroupedBatchSampler` over an endless sequence): positions 0, 1, 2, ... are taken in
+    order, each appended to its record's group; a group holding `batch_size` positions becomes
+    the next batch. Batches are computed on demand, in order, and kept.
+
+    Args:
+      sequence: the global sequence: `sequence[position].record_key` (a grain sampler).
+      groups: `(num_records,)` group of each record.
+      batch_size: positions per batch.
+    """
+
+    def __init__(self, sequence, groups: np.ndarray, batch_size: int):
+        self.sequence, self.groups, self.batch_size = sequence, np.asarray(groups), batch_size
+        self._pending: dict = {}
+        self._batches: list = []
+        self._next = 0
+        self._lock = threading.Lock()  # grain reads records (and so batches) from many threads
+
+    def __getstate__(self):  # grain's worker processes get a copy (a lock does not pickle)
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def _advance(self):
+        """Read positions until one more batch is complete."""
+        count = len(self._batches)
+        while len(self._batches) == count:
+            position = self._next
+            self._next += 1
+            group = int(self.groups[self.sequence[position].record_key])
+            members = self._pending.setdefault(group, [])
+            members.append(position)
+            if len(members) == self.batch_size:
+                self._batches.append(np.asarray(members, np.int64))
+                members.clear()
+
+    def batch(self, index: int) -> np.ndarray:
+        """`(batch_size,)` global positions of batch `index`."""
+        with self._lock:
+            while len(self._batches) <= index:
+                self._advance()
+            return self._batches[index]
+
+    def batches_within(self, num_positions: int) -> int:
+        """How many batches are complete using positions `< num_positions` only."""
+        count = 0
+        while self.batch(count)[-1] < num_positions:
+            count += 1
+        return count
 
 
 def position_state(records_consumed: int) -> bytes:
@@ -345,35 +433,46 @@ class PaddedShard:
         return f"PaddedShard({self.source!r}, [{self.start}, {self.end}), length={self.length})"
 
 
+def record_canvas(height: int, width: int, config, min_size: int, position=None):
+    """The smallest canvas of `config.canvas_buckets` that holds a `height x width` image
+    resized at `min_size` (and `config.max_size`), padded to `size_divisible`.
+
+    Raises:
+      ValueError: naming the record (`position`) and its size, when no canvas holds it or a
+        side resizes to 0 pixels.
+    """
+    from maskrcnn_jax.config import bucket_for
+
+    buckets = [tuple(b) for b in (config.get("canvas_buckets") or [config.canvas_size])]
+    out = transform.resized_size(int(height), int(width), int(min_size), config.max_size)
+    divisible = config.size_divisible
+    pad = tuple(-(-v // divisible) * divisible for v in out)
+    canvas = bucket_for(pad, buckets) if min(out) >= 1 else None
+    if canvas is None:
+        name = "a record" if position is None else f"record {position}"
+        raise ValueError(f"{name}: size {height}x{width} resizes to {out[0]}x{out[1]} (padded "
+                         f"{pad[0]}x{pad[1]}), which fits none of the canvases {buckets}")
+    return canvas
+
+
 def bucket_positions(sizes, config, min_size: Optional[int] = None) -> dict:
-    """`{canvas: record positions}`: each record in the smallest canvas of
-    `config.canvas_buckets` that holds it resized at `min_size` (default: the last of
-    `config.min_size`, evaluation's); canvases in the config's order, positions in split order,
-    canvases that hold no record left out.
+    """`{canvas: record positions}`: each record in its canvas (`record_canvas`) resized at
+    `min_size` (default: the last of `config.min_size`, evaluation's); canvases in the config's
+    order, positions in split order, canvases that hold no record left out.
 
     Args:
-      sizes: `(N, 2)` `(height, width)` of the records (`builders.original_sizes`).
+      sizes: `(N, 2)` `(height, width)` of the records (`builders.image_ids_and_sizes`).
 
     Raises:
       ValueError: naming the record's position and size, for one that fits no canvas or
         resizes to 0 pixels.
     """
-    from maskrcnn_jax.config import bucket_for
-
     if min_size is None:
         min_size = config.min_size if np.ndim(config.min_size) == 0 else config.min_size[-1]
     buckets = [tuple(b) for b in (config.get("canvas_buckets") or [config.canvas_size])]
     members: dict = {b: [] for b in buckets}
     for position, (h, w) in enumerate(np.asarray(sizes).reshape(-1, 2)):
-        out = transform.resized_size(int(h), int(w), int(min_size), config.max_size)
-        divisible = config.size_divisible
-        pad = tuple(-(-v // divisible) * divisible for v in out)
-        canvas = bucket_for(pad, buckets) if min(out) >= 1 else None
-        if canvas is None:
-            raise ValueError(f"record {position}: size {h}x{w} resizes to {out[0]}x{out[1]} "
-                             f"(padded {pad[0]}x{pad[1]}), which fits none of the canvases "
-                             f"{buckets}")
-        members[canvas].append(position)
+        members[record_canvas(h, w, config, min_size, position)].append(position)
     return {b: np.asarray(m, np.int64) for b, m in members.items() if m}
 
 
@@ -403,8 +502,12 @@ def make_dataset(source, config, *, batch_size: int, train: bool, seed: int = 0,
         `size_divisible`, `image_mean`, `image_std`).
       batch_size: images per batch on this process.
       train: shuffle, flip, scale jitter, repeat forever (unless `num_epochs`), drop the last
-        short batch; this process's slice of one global sequence (`GlobalBatchSampler`).
-        Otherwise: in order, one epoch, the last batch padded (`batch_valid`).
+        short batch; this process's slice of one global sequence (`GlobalBatchSampler`). When
+        the config has several `canvas_buckets`, each global batch is of one bucket (images
+        padded into it: one compiled train step per bucket), grouped as torchvision's
+        aspect-ratio grouping; else every image is padded into `config.canvas_size`.
+        Otherwise: in order, one epoch, the last batch padded (`batch_valid`), in
+        `config.canvas_size`.
       seed: shuffling and per-record random draws.
       max_instances: G, ground-truth slots per image.
       mask_crop_size: S, side of the mask crops.
@@ -442,16 +545,29 @@ def make_dataset(source, config, *, batch_size: int, train: bool, seed: int = 0,
         if global_batch_size != batch_size * process_count:
             raise ValueError(f"batch_size {batch_size} per process x {process_count} processes "
                              f"!= global_batch_size {global_batch_size}")
+        buckets = config.get("canvas_buckets") or [config.canvas_size]
+        bucketed = len(buckets) > 1
+        groups = None
+        if bucketed:  # one canvas per global batch: group the records by canvas bucket
+            from maskrcnn_jax.data import builders
+
+            _, sizes = builders.image_ids_and_sizes(source)
+            canvas_index = {tuple(b): i for i, b in enumerate(buckets)}
+            groups = np.empty(len(source), np.int64)
+            for canvas, positions in bucket_positions(sizes, config, max(min_sizes)).items():
+                groups[positions] = canvas_index[canvas]
         sampler = GlobalBatchSampler(len(source), global_batch_size, process_index, process_count,
-                                     seed, start_record, worker_count, num_epochs)
+                                     seed, start_record, worker_count, num_epochs, groups)
     else:
+        bucketed = False  # evaluation: `evaluation.evaluate` runs one loader per bucket
         if shard_options is None:
             shard_options = grain.sharding.ShardByJaxProcess(drop_remainder=False)
         sampler = grain.samplers.IndexSampler(
             num_records=len(source), shard_options=shard_options, shuffle=False,
             num_epochs=num_epochs if num_epochs is not None else 1, seed=seed)
     operations = [
-        _Prepare(config, train, min_sizes, flip_probability, max_instances, mask_crop_size),
+        _Prepare(config, train, min_sizes, flip_probability, max_instances, mask_crop_size,
+                 bucketed),
         grain.transforms.Batch(batch_size, drop_remainder=train,
                                batch_fn=_stack_padded(batch_size)),
     ]

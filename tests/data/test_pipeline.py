@@ -24,7 +24,7 @@ from maskrcnn_jax.ops.interpolate import nearest_indices
 from maskrcnn_jax.testing.coco_folder import write_coco_folder
 from maskrcnn_jax.testing.references import numpy_roi_align
 
-CONFIG = model_config(num_classes=4, min_size=64, max_size=96)  # canvas 96 x 96
+CONFIG = model_config(num_classes=4, min_size=64, max_size=96, canvas_size=(96, 96))  # one canvas
 S = 14  # small crops keep the float64 loop reference fast
 
 

@@ -6,6 +6,8 @@ standing in for each of several, by `process_index` / `process_count`).
     also across an epoch boundary (20 records, global batch 6).
   * In an epoch no record is read twice or by two processes; a loader started at
     `start_record` continues the sequence exactly (resume, also with another process count).
+  * With canvas buckets (CONFIG has no canvas_size), every global batch is of one bucket
+    (torchvision's aspect-ratio grouping, `GroupedBatches`), and all of the above still holds.
   * grain worker processes do not change the batches (slow: spawns them).
   * Evaluation shards are contiguous, cover the split once and are padded to equal length with
     examples whose `batch_valid` is False.
@@ -49,6 +51,43 @@ def test_global_batch_independent_of_process_count(source):
         many = _batches(source, processes, 5)
         _assert_global_equal(one, many)
         assert all(len(b["image_ids"]) == 6 // processes for parts in many for b in parts)
+
+
+def test_batches_grouped_by_canvas_bucket(source):
+    """CONFIG has canvas buckets (no canvas_size): each global batch is of one bucket, every
+    image in the smallest canvas that holds it at the largest training scale (64)."""
+    assert CONFIG.canvas_buckets == ((64, 64), (64, 96), (96, 64))
+    canvases = []
+    for batch in (b[0] for b in _batches(source, 1, 5)):
+        canvas = batch["images"].shape[1:3]
+        assert all(pipeline.record_canvas(h, w, CONFIG, 64) == canvas
+                   for h, w in batch["original_sizes"])
+        canvases.append(canvas)
+    assert len(set(canvases)) >= 2
+
+
+def test_grouped_batches_cut_the_sequence_in_order():
+    """torchvision's GroupedBatchSampler rule: positions in order join their record's group,
+    a full group is the next batch; with 1 epoch only batches complete within it count."""
+    class Sequence:  # position -> record: a fixed permutation per epoch of 10 records
+        def __getitem__(self, position):
+            epoch, k = divmod(position, 10)
+            return pipeline.grain.RecordMetadata(index=position,
+                                                 record_key=(3 * k + epoch) % 10)
+
+    groups = np.asarray([0, 1, 1, 0, 2, 1, 0, 0, 1, 1])
+    grouped = pipeline.GroupedBatches(Sequence(), groups, 3)
+    batches = [grouped.batch(i) for i in range(8)]
+    seen = np.concatenate(batches)
+    assert len(set(seen.tolist())) == len(seen)  # no position twice
+    for batch in batches:
+        assert list(batch) == sorted(batch)
+        assert len({int(groups[Sequence()[int(p)].record_key]) for p in batch}) == 1
+    # First epoch (positions 0..9): group 0 has 4, group 1 has 5, group 2 has 1 -> 2 batches.
+    assert grouped.batches_within(10) == 2
+    # Records 0, 3, 6 (group 0) fill the first batch, 9, 2, 5 (group 1) the second; the next
+    # group 1 batch takes positions 6, 7 and 10 (the next epoch's first, record 1).
+    assert [b.tolist() for b in batches[:3]] == [[0, 1, 2], [3, 4, 5], [6, 7, 10]]
 
 
 def test_epoch_reads_each_record_once_and_resume_continues(source):

@@ -384,3 +384,30 @@ def test_frozen_parameters_get_no_gradient():
     jaxpr = str(jax.make_jaxpr(jax.grad(
         lambda p: loss(train_lib.stop_frozen_gradients(p, labels))))(params))
     assert jaxpr.count("mul") < str(jax.make_jaxpr(jax.grad(loss))(params)).count("mul")
+
+
+def test_canvas_buckets_compile_one_train_step_each(data_dir, tmp_path):
+    """Without a canvas_size, the global batches are grouped by canvas bucket (each image in
+    the smallest that holds it at the largest training scale): the train step compiles once
+    per bucket used, none for later batches of the same buckets."""
+    from maskrcnn_jax.config import model_config
+    from maskrcnn_jax.data import pipeline
+
+    config = tiny_config(data_dir, **{"model.canvas_size": None, "model.max_size": 96,
+                                      "data.batch_size": 4, "num_train_steps": 3})
+    model_cfg = model_config(**config.model.to_dict())
+    assert model_cfg.canvas_buckets == ((64, 64), (64, 96), (96, 64))
+    loader = pipeline.make_dataset(
+        train.load_source(config.data, "train"), model_cfg, batch_size=4, train=True,
+        seed=config.seed, max_instances=config.data.max_instances,
+        mask_crop_size=config.data.mask_crop_size, min_sizes=tuple(config.data.min_sizes))
+    batches = [b for b, _ in zip(loader, range(3))]
+    canvases = [b["images"].shape[1:3] for b in batches]
+    for b, canvas in zip(batches, canvases):  # each image in its own bucket
+        assert all(pipeline.record_canvas(*size, model_cfg, 64) == canvas
+                   for size in b["original_sizes"])
+    assert len(set(canvases)) >= 2, canvases
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert len(_metrics(str(tmp_path / "run"))) == 3
+    step_fn = list(train._TRAIN_STEPS.values())[-1]  # this config's (the newest entry)
+    assert step_fn._cache_size() == len(set(canvases))
