@@ -20,7 +20,10 @@ def get_config():
         num_classes=91,
         min_size=800,
         max_size=1333,
-        canvas_size=(1344, 1344),
+        # No canvas_size: the canvas buckets of min_size / max_size (800x800, 800x1088,
+        # 1088x800, 800x1344, 1344x800); each global batch is of one bucket (aspect-ratio
+        # grouping), one compiled train step per bucket, where one 1344x1344 canvas would
+        # convolve ~1.7x the pixels.
         compute_dtype="float32",
     )
     config.data.name = "coco_instances"
