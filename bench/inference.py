@@ -1,11 +1,14 @@
 """Inference benchmark: maskrcnn_jax vs torchvision maskrcnn_resnet50_fpn (its compiled ops) on
 identical weights and images.
 
-Run:  python bench/inference.py [--sizes 800x1333 512x512] [--batches 1 8] [--dtypes float32 bfloat16]
+Run:  python bench/inference.py [--sizes 800x1333 512x512 photos] [--batches 1 8] [--dtypes float32 bfloat16]
                                 [--repeats 3] [--canvas buckets|square|fit] [--threads N] [--no-torchvision]
 
 Each size HxW is both the images' size and the models' input size (resize limits min_size =
 min(H, W), max_size = max(H, W) on both sides, so neither model rescales the images).
+`photos` is a mix of one image of each common photo shape (`PHOTO_SHAPES`: 1:1, 4:3, 3:4, 3:2,
+2:3, 16:9, 9:16 at ~1000 px) resized by both sides at torchvision's default 800 / 1333; its ms
+column is the whole mix (`batch` images per call on both sides).
 maskrcnn_jax's `Predictor` runs each image in the smallest of its config's canvas buckets that
 holds it. `--canvas buckets` (the default: what a user of `from_torchvision` / `model_config`
 without `canvas_size` gets) uses the default buckets derived from min_size / max_size (800x1344
@@ -132,21 +135,32 @@ def main():
           "| peak memory (process) |")
     print("|---|---:|---|---|---:|---:|---:|---:|---:|---:|---|", flush=True)
     for size_text in args.sizes:
-        size = tuple(int(v) for v in size_text.split("x"))
-        canvas = {"fit": tuple(int(np.ceil(s / 32) * 32) for s in size),
-                  "square": (_round32(max(size)),) * 2, "buckets": None}[args.canvas]
+        photos = size_text == "photos"
+        if photos:  # one image of each PHOTO_SHAPES, resized by both at torchvision's 800/1333
+            if args.canvas != "buckets":
+                raise SystemExit("--sizes photos compares the default canvas buckets only")
+            size, canvas = (800, 1333), None
+        else:
+            size = tuple(int(v) for v in size_text.split("x"))
+            canvas = {"fit": tuple(int(np.ceil(s / 32) * 32) for s in size),
+                      "square": (_round32(max(size)),) * 2, "buckets": None}[args.canvas]
         # Both models run at this size: resize limits set to it (torchvision's defaults, 800 /
         # 1333, would upscale a 512x512 image to 800x800).
         model.transform.min_size, model.transform.max_size = (min(size),), max(size)
         for batch in args.batches:
-            images = _images(rng, size, batch)
+            if photos:
+                images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+                          for h, w in PHOTO_SHAPES.values()]
+            else:
+                images = _images(rng, size, batch)
             tv_ms = None
             if not args.no_torchvision:
                 tensors = [torch.from_numpy(im).permute(2, 0, 1).float().div(255).to(device)
                            for im in images]
 
                 def run_torchvision():
-                    model(tensors)
+                    for start in range(0, len(tensors), batch):  # `batch` images per call
+                        model(tensors[start:start + batch])
                     torch_sync(torch, device)
 
                 with torch.no_grad():
@@ -156,15 +170,18 @@ def main():
                     state, canvas_size=canvas, compute_dtype=dtype, min_size=min(size),
                     max_size=max(size))
                 predictor = Predictor(config, variables, batch_size=batch)
-                used = "x".join(str(v) for v in bucket_for(
-                    padded_size(images[0], predictor.config)[1], predictor.config.canvas_buckets))
+                used = " ".join(sorted({"x".join(str(v) for v in bucket_for(
+                    padded_size(image, predictor.config)[1], predictor.config.canvas_buckets))
+                    for image in images}))
                 compile_s = seconds(lambda: predictor(images))
                 jax_ms = 1e3 * median_seconds(lambda: predictor(images), args.repeats,
                                               warmup=False)
-                tv = (f"{tv_ms:,.0f} | {1e3 * batch / tv_ms:.2f} | {tv_ms / jax_ms:.2f}" if tv_ms
+                n = len(images)  # per call: `batch` images, or the photo mix
+                tv = (f"{tv_ms:,.0f} | {1e3 * n / tv_ms:.2f} | {tv_ms / jax_ms:.2f}" if tv_ms
                       else "- | - | -")
-                print(f"| {size_text} | {batch} | {dtype} | {used} | {compile_s:.1f} | "
-                      f"{jax_ms:,.0f} | {1e3 * batch / jax_ms:.2f} | {tv} | {_peak_memory()} |",
+                name = f"photos ({n} shapes)" if photos else size_text
+                print(f"| {name} | {batch} | {dtype} | {used} | {compile_s:.1f} | "
+                      f"{jax_ms:,.0f} | {1e3 * n / jax_ms:.2f} | {tv} | {_peak_memory()} |",
                       flush=True)
 
 

@@ -20,7 +20,9 @@ but the leaves upstream of `layer4_0`'s 3x3 conv (all of layer2 and layer3, laye
 float32, against a typical magnitude of ~300 and a float32 rounding error of ~4e-4 there. That
 single flipped ReLU carries the whole error of the cotangent below it. torchvision's own float32
 gradient is ~1.7e-4 from its float64 one on those leaves. The float32 comparison therefore uses
-`F32_RTOL` (the float64 one the issue's 1e-4).
+`F32_RTOL` (the float64 one the issue's 1e-4). Float32 is compared for v1 only
+(`FLOAT32_ARCHITECTURES`): v2's float32 arithmetic is the same convolutions and frozen norms,
+and its float64 comparison is the structural check.
 
 Frozen layers (`trainable_backbone_layers=3`: the stem and layer1): torchvision gives them no
 gradient (`requires_grad=False`); in maskrcnn_jax `jax.grad` differentiates them too and the
@@ -106,17 +108,24 @@ def _torch_float64(setup):
     rpn = torch.autograd.grad(sum(losses[n] for n in RPN_LOSSES), list(backbone.values()),
                               retain_graph=True)
     sum(losses.values()).backward()
-    return dict(total=_grads_of(named),
+    return dict(total=_grads_of(named), losses={k: float(v.detach()) for k, v in losses.items()},
+                frozen_keys=sorted(k for k, p in named.items() if not p.requires_grad),
                 rpn_backbone={k: g.numpy() for k, g in zip(backbone, rpn)})
+
+
+# float32 is compared for v1 only: v2 adds no float32 arithmetic of its own (the same convs and
+# frozen norms), and its float32 gradients cost ~1 min of the suite; its float64 check stays.
+FLOAT32_ARCHITECTURES = ("v1",)
 
 
 @pytest.fixture(scope="module", params=["v1", "v2"])
 def grads(request):
     """Both sides' gradients for torchvision's v1 or v2 architecture (v2: its norms frozen on
-    both sides, `loss_parity.torch_v2_model`)."""
+    both sides, `loss_parity.torch_v2_model`): float64 for both, float32 for v1."""
     setup = loss_parity.build(request.param)
     model = MaskRCNN(frozen(setup["config"]))
     variables, batch = setup["variables"], setup["jax_batch"]
+    float32 = request.param in FLOAT32_ARCHITECTURES
 
     def jax_grad(dtype):
         v = jax.tree.map(lambda a: jnp.asarray(a, dtype), variables)
@@ -129,23 +138,35 @@ def grads(request):
         g, losses = jax.jit(jax.grad(loss, has_aux=True))(v["params"])
         return v["params"], jax.block_until_ready(g), {k: float(x) for k, x in losses.items()}
 
-    times = [time.perf_counter()]
-    t32 = _torch_float32(setup)
-    times.append(time.perf_counter())
-    t64 = _torch_float64(setup)
-    times.append(time.perf_counter())
-    params, g32, jax_losses = jax_grad(jnp.float32)
-    times.append(time.perf_counter())
+    out = dict(setup=setup, architecture=request.param)
+    times = {}
+    start = time.perf_counter()
+    out["t64"] = _torch_float64(setup)
+    out["torch64"] = _to_flax_params(setup, out["t64"]["total"])
+    times["torch float64"] = time.perf_counter() - start
+    start = time.perf_counter()
     with jax.enable_x64(True):
-        _, g64, _ = jax_grad(jnp.float64)
-        g64 = _flat(g64)
-    times.append(time.perf_counter())
-    dt = np.diff(times)
-    print(f"\ntorch float32 {dt[0]:.1f} s, float64 {dt[1]:.1f} s; jax grad (compile + run) "
-          f"float32 {dt[2]:.1f} s, float64 {dt[3]:.1f} s")
-    return dict(setup=setup, params=params, jax32=g32, jax32_flat=_flat(g32), jax64=g64,
-                jax_losses=jax_losses, torch32=_to_flax_params(setup, t32["total"]),
-                torch64=_to_flax_params(setup, t64["total"]), t32=t32, t64=t64)
+        _, g64, out["jax64_losses"] = jax_grad(jnp.float64)
+        out["jax64"] = _flat(g64)
+    times["jax grad float64 (compile + run)"] = time.perf_counter() - start
+    out["params"] = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), variables["params"])
+    if float32:
+        start = time.perf_counter()
+        out["t32"] = _torch_float32(setup)
+        out["torch32"] = _to_flax_params(setup, out["t32"]["total"])
+        times["torch float32"] = time.perf_counter() - start
+        start = time.perf_counter()
+        out["params"], out["jax32"], out["jax_losses"] = jax_grad(jnp.float32)
+        out["jax32_flat"] = _flat(out["jax32"])
+        times["jax grad float32 (compile + run)"] = time.perf_counter() - start
+    print("\n" + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
+    return out
+
+
+def _float32(grads):
+    if "jax32" not in grads:
+        pytest.skip(f"float32 gradients are compared for {FLOAT32_ARCHITECTURES} only")
+    return grads
 
 
 def _trainable_leaves(params):
@@ -180,18 +201,23 @@ def _check_not_vacuous(rows):
 
 
 def test_same_losses(grads):
-    for name in LOSS_NAMES:
-        ours, theirs = grads["jax_losses"][name], grads["t32"]["losses"][name]
-        assert theirs > 0 and abs(ours - theirs) <= RTOL * theirs, (name, ours, theirs)
+    pairs = [(grads["jax64_losses"], grads["t64"]["losses"])]
+    if "jax32" in grads:
+        pairs.append((grads["jax_losses"], grads["t32"]["losses"]))
+    for jax_losses, torch_losses in pairs:
+        for name in LOSS_NAMES:
+            ours, theirs = jax_losses[name], torch_losses[name]
+            assert theirs > 0 and abs(ours - theirs) <= RTOL * theirs, (name, ours, theirs)
 
 
 def test_frozen_layers_match_torchvision(grads):
     """The leaves `frozen_backbone_stages` freezes are exactly torchvision's requires_grad=False
     parameters (conv1 and layer1), and those got no torch gradient."""
-    t32 = grads["t32"]
-    assert {k.split(".")[2] for k in t32["frozen_keys"]} == {"conv1", "layer1"}
-    assert not set(t32["frozen_keys"]) & set(t32["total"])
-    assert not set(t32["frozen_keys"]) & set(grads["t64"]["total"])
+    for run in ("t32", "t64"):
+        if run in grads:
+            frozen_keys = grads[run]["frozen_keys"]
+            assert {k.split(".")[2] for k in frozen_keys} == {"conv1", "layer1"}
+            assert not set(frozen_keys) & set(grads[run]["total"])
     # torch's frozen parameters mapped onto our tree by the weight conversion: ones there.
     model = grads["setup"]["torch_model"]
     marked = _to_flax_params(grads["setup"], {
@@ -204,6 +230,7 @@ def test_frozen_layers_match_torchvision(grads):
 def test_optimizer_zeroes_frozen_updates(grads):
     """jax.grad gives the frozen leaves a gradient; the optimizer's update for them is exactly
     zero (no weight decay either), and non-zero for every trained leaf."""
+    grads = _float32(grads)
     opt_cfg = ml_collections.ConfigDict(dict(
         name="sgd", learning_rate=0.02, reference_batch_size=16, warmup_steps=10,
         warmup_factor=0.1, milestones=(100,), gamma=0.1, grad_clip_norm=0.0,
@@ -233,11 +260,14 @@ def test_gradients_match_torchvision_float64(grads):
 
 
 def test_gradients_match_torchvision_float32(grads):
+    grads = _float32(grads)
     trained, _ = _trainable_leaves(grads["params"])
     rows = _compare(grads["jax32_flat"], grads["torch32"], trained)
     _table("float32 jax vs float32 torchvision", rows)
     ref = _compare(grads["torch32"], grads["torch64"], trained)
-    print(f"  (torchvision float32 vs its float64: worst {ref[0][0]} {ref[0][1]:.2e})")
+    truth = _compare(grads["jax32_flat"], grads["torch64"], trained)
+    print(f"  (torchvision float32 vs its float64: worst {ref[0][0]} {ref[0][1]:.2e}; "
+          f"jax float32 vs torchvision float64: worst {truth[0][0]} {truth[0][1]:.2e})")
     _check_not_vacuous(rows)
     k, rel, norm, err = rows[0]
     assert rel <= F32_RTOL, f"worst leaf {k}: rel L2 error {rel:.3e} (|g_torch| {norm:.4g})"
