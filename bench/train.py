@@ -3,7 +3,7 @@ roi_align kernels and their backward) on identical weights and data, at equal wo
 
 Run:  python bench/train.py [--size 512] [--batch 2] [--steps 3] [--backbone resnet50]
                             [--frozen-stages 2] [--threads N] [--mask-rois N]
-                            [--mask-rois-per-batch N]
+                            [--mask-rois-per-batch N] [--profile] [--no-stop-gradient]
 
 Both sides start from the same converted weights (torchvision's Mask R-CNN with frozen batch
 norm, as it trains from pretrained backbones), train on the same synthetic images, boxes and
@@ -107,6 +107,12 @@ def main():
     parser.add_argument("--mask-rois", type=int, default=None,
                         help="maskrcnn_jax's equal-work mask_rois_per_image (default: the most "
                              "positives torchvision sampled in an image)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also trace one step of each maskrcnn_jax run (jax.profiler) and "
+                             "print where its time goes (bench/step_profile.py)")
+    parser.add_argument("--no-stop-gradient", action="store_true",
+                        help="maskrcnn_jax differentiates its frozen stages too (the optimizer "
+                             "still zeroes their update): the step before stop_frozen_gradients")
     parser.add_argument("--mask-rois-per-batch", type=int, default=None,
                         help="also time maskrcnn_jax with this batch-wide mask-head budget "
                              "(positives of all images packed; config mask_rois_per_batch)")
@@ -211,14 +217,22 @@ def main():
     if args.mask_rois_per_batch:
         runs.append(("batch", f"maskrcnn_jax, {args.mask_rois_per_batch} mask RoIs per batch "
                               "(positives packed)", None, args.mask_rois_per_batch))
-    frozen_labels = labels if args.frozen_stages else None
+    frozen_labels = labels if args.frozen_stages and not args.no_stop_gradient else None
+    if args.no_stop_gradient:
+        print("maskrcnn_jax: --no-stop-gradient, its frozen stages are differentiated (their "
+              "update is still zero)")
     rows = {}
     for key, label, mask_rois, per_batch in runs:
-        step_s, compile_s, loss_mask, losses = time_jax(net, tx, params, stats, opt_state, data,
-                                                        mask_rois, args.steps, frozen_labels,
-                                                        per_batch)
+        step_s, compile_s, loss_mask, losses, step = time_jax(
+            net, tx, params, stats, opt_state, data, mask_rois, args.steps, frozen_labels,
+            per_batch)
         rows[key] = (label, step_s, compile_s, loss_mask)
         print(f"{label}: total loss per step " + " ".join(f"{v:.4g}" for v in losses), flush=True)
+        if args.profile:
+            from step_profile import print_profile, profile_call
+
+            print_profile(profile_call(step, params, opt_state, data, jax.random.key(0)),
+                          f"step of {label}")
     print("| | step s | images/s | maskrcnn_jax / torchvision speed |\n|---|---:|---:|---:|")
     print(f"| torchvision, {args.frozen_stages} frozen stages, mask head on its positives "
           f"(max {counts.max()}/img) | {tv_step:.2f} | {args.batch / tv_step:.2f} | |")
@@ -238,7 +252,7 @@ def main():
 def time_jax(net, tx, params, stats, opt_state, data, mask_rois, steps, frozen_labels=None,
              mask_rois_per_batch=None):
     """(median step s, first step s incl. compile, first step's loss_mask, total loss of every
-    step) of the jitted step; `frozen_labels` ('frozen'/'trained' per parameter): the frozen
+    step, the jitted step) of the jitted step; `frozen_labels` ('frozen'/'trained' per parameter): the frozen
     ones get no gradient, as in `train_lib.train_step`."""
 
     @jax.jit
@@ -264,7 +278,7 @@ def time_jax(net, tx, params, stats, opt_state, data, mask_rois, steps, frozen_l
         jax.block_until_ready(loss)
         times.append(time.perf_counter() - start)
         losses.append(float(loss))
-    return float(np.median(times)), compile_s, loss_mask, losses
+    return float(np.median(times)), compile_s, loss_mask, losses, step
 
 
 if __name__ == "__main__":
