@@ -69,7 +69,7 @@ def check_paths(images, checkpoint, out):
 
 
 def predict_files(images, checkpoint, out, score_threshold=0.5, class_names_file=None,
-                  batch_size=1) -> int:
+                  batch_size=1, program_cache_dir=None) -> int:
     """Run the model on image files (see the module docstring); returns the exit status."""
     from PIL import Image
 
@@ -89,7 +89,8 @@ def predict_files(images, checkpoint, out, score_threshold=0.5, class_names_file
     if class_names_file:
         with open(class_names_file) as f:
             class_names = [line.strip() for line in f]
-    predictor = Predictor(config, variables, batch_size=batch_size)
+    predictor = Predictor(config, variables, batch_size=batch_size,
+                          program_cache_dir=program_cache_dir)
     os.makedirs(out, exist_ok=True)
     failed = []
     for image_id, (path, stem) in enumerate(zip(images, output_stems(images))):
@@ -121,8 +122,10 @@ def predict_files(images, checkpoint, out, score_threshold=0.5, class_names_file
 def main(argv=None) -> int:
     images = cli.parse(FLAGS, argv, __doc__, "predict.py")
     cli.enable_compilation_cache(FLAGS.compilation_cache_dir)
+    cache = FLAGS.compilation_cache_dir
     return predict_files(images, FLAGS.checkpoint, FLAGS.out, FLAGS.score_threshold,
-                         FLAGS.class_names, FLAGS.batch_size)
+                         FLAGS.class_names, FLAGS.batch_size,
+                         program_cache_dir=None if not cache or cache.lower() == "none" else cache)
 
 
 if __name__ == "__main__":

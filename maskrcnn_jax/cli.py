@@ -45,8 +45,9 @@ def define_compilation_cache_flag(flag_values: flags.FlagValues = flags.FLAGS,
     it (absl lists a module's own flags)."""
     flags.DEFINE_string(
         "compilation_cache_dir", default_cache_dir(),
-        "JAX's persistent compilation cache: a later run of the same shapes loads its compiled "
-        "programs instead of compiling them again; 'none' turns it off", flag_values=flag_values,
+        "JAX's persistent compilation cache (and predict.py's exported networks): a later run "
+        "of the same shapes loads its programs instead of tracing and compiling them again; "
+        "'none' turns it off", flag_values=flag_values,
         module_name=module_name)
 
 

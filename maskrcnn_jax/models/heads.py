@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from maskrcnn_jax.models.resnet import FrozenBatchNorm, conv2d, zero_outside
+from maskrcnn_jax.ops.conv import conv_nhwc
 
 # torch.nn.BatchNorm2d's eps (v2's FPN and head norms).
 BATCH_NORM_EPS = 1e-5
@@ -158,6 +159,7 @@ class MaskRCNNHeads(nn.Module):
                 padding=((self.dilation, self.dilation),) * 2,
                 kernel_dilation=(self.dilation, self.dilation),
                 use_bias=self.norm is None, dtype=self.dtype, param_dtype=jnp.float32,
+                conv_general_dilated=conv_nhwc,
                 kernel_init=_relu_fan_out, name=f"mask_fcn{i + 1}",
             )
             x = conv(x)

@@ -351,11 +351,11 @@ def _variable_shapes(small):
             for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]}
 
 
-def check_variables(config, variables, where: str = "variables"):
+def check_variables(config, variables, where: str = "variables", expected=None):
     """Raise a ValueError listing every parameter of `variables` that `MaskRCNN(config)` does not
     have, lacks, or has with another shape (both shapes named); a class-count mismatch says so
-    (config `num_classes` vs the weights')."""
-    expected = variable_shapes(config)
+    (config `num_classes` vs the weights'). `expected`: `variable_shapes(config)` if known."""
+    expected = variable_shapes(config) if expected is None else expected
     given = {"/".join(str(getattr(k, "key", k)) for k in path): tuple(jnp.shape(leaf))
              for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]}
     problems = [f"{p}: missing (config expects {expected[p]})" for p in expected if p not in given]

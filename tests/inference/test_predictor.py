@@ -1,6 +1,8 @@
 """Predictor input errors: named by the image's index in the caller's list; images whose
 resized side would be 0 pixels; weights that do not fit the config, caught when it is built."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -75,3 +77,41 @@ def test_variable_shapes_are_those_of_the_full_init(tiny, overrides):
     full = {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
             for path, leaf in jax.tree_util.tree_flatten_with_path(full)[0]}
     assert len(full) > 50 and variable_shapes(config) == full
+
+
+def test_program_cache_reuses_the_exported_network(tiny, tmp_path, monkeypatch):
+    """With a program cache, a second Predictor (a later process) loads the exported network
+    instead of tracing the model: equal detections, no trace of MaskRCNN; a damaged file is
+    exported again."""
+    import glob
+
+    from maskrcnn_jax.models import maskrcnn
+
+    config, variables = tiny
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (60, 80, 3), np.uint8), rng.integers(0, 256, (90, 70, 3),
+                                                                          np.uint8)]
+    expected = Predictor(config, variables)(images)
+    first = Predictor(config, variables, program_cache_dir=str(tmp_path))(images)
+    programs = glob.glob(str(tmp_path / "maskrcnn_jax_programs" / "program-*"))
+    assert len(programs) == len({tuple(config.canvas_size)})  # one canvas: one program
+    assert glob.glob(str(tmp_path / "maskrcnn_jax_programs" / "shapes-*"))
+
+    traced = []
+    original = maskrcnn.MaskRCNN.__call__
+    monkeypatch.setattr(maskrcnn.MaskRCNN, "__call__",
+                        lambda self, *a, **k: traced.append(1) or original(self, *a, **k))
+    monkeypatch.setattr(maskrcnn, "variable_shapes", lambda c: pytest.fail("shapes traced"))
+    second = Predictor(config, variables, program_cache_dir=str(tmp_path))(images)
+    assert not traced  # the model was neither traced for the network nor for the shapes
+    for a, b, c in zip(expected, first, second):
+        assert len(a["scores"]) > 0
+        for key in ("boxes", "scores", "labels", "masks"):
+            np.testing.assert_array_equal(a[key], b[key])
+            np.testing.assert_array_equal(a[key], c[key])
+    monkeypatch.undo()
+    with open(programs[0], "wb") as f:
+        f.write(b"not a program")
+    again = Predictor(config, variables, program_cache_dir=str(tmp_path))(images)
+    np.testing.assert_array_equal(again[0]["boxes"], expected[0]["boxes"])
+    assert os.path.getsize(programs[0]) > 1000  # exported again
