@@ -84,9 +84,10 @@ def _source_files(text: str) -> dict:
 
 
 def _source(files) -> str:
-    """The innermost frame in maskrcnn_jax (else optax, else the innermost)."""
-    for f in files:
-        if "maskrcnn_jax/" in f and "/.venv/" not in f:
+    """The innermost frame in maskrcnn_jax outside ops/conv.py (else optax, else the
+    innermost)."""
+    for f in files:  # ops/conv.py is every conv's: the caller says which part it is
+        if "maskrcnn_jax/" in f and "/.venv/" not in f and not f.endswith("ops/conv.py"):
             return f
     for f in files:
         if "optax" in f:
