@@ -127,6 +127,13 @@ def default_canvas_buckets(min_size: int, max_size: int, size_divisible: int = 3
     return ((short, short), (short, four_three), (four_three, short), (short, long), (long, short))
 
 
+def canvases(config) -> list:
+    """The canvas buckets of a model config as `(height, width)` tuples (`canvas_size` alone
+    for configs saved before buckets existed)."""
+    return [tuple(int(v) for v in b) for b in (config.get("canvas_buckets") or
+                                               [config.canvas_size])]
+
+
 def bucket_for(padded_size, buckets):
     """The smallest canvas of `buckets` (sorted by area) that holds `(height, width)`, or None."""
     for canvas in buckets:

@@ -34,6 +34,7 @@ import grain
 import numpy as np
 from absl import flags
 
+from maskrcnn_jax.config import bucket_for, canvases
 from maskrcnn_jax.data import coco, transform
 from maskrcnn_jax.ops.interpolate import nearest_indices
 
@@ -441,12 +442,8 @@ def record_canvas(height: int, width: int, config, min_size: int, position=None)
       ValueError: naming the record (`position`) and its size, when no canvas holds it or a
         side resizes to 0 pixels.
     """
-    from maskrcnn_jax.config import bucket_for
-
-    buckets = [tuple(b) for b in (config.get("canvas_buckets") or [config.canvas_size])]
-    out = transform.resized_size(int(height), int(width), int(min_size), config.max_size)
-    divisible = config.size_divisible
-    pad = tuple(-(-v // divisible) * divisible for v in out)
+    buckets = canvases(config)
+    out, pad = transform.padded_size_of(height, width, config, min_size)
     canvas = bucket_for(pad, buckets) if min(out) >= 1 else None
     if canvas is None:
         name = "a record" if position is None else f"record {position}"
@@ -469,8 +466,7 @@ def bucket_positions(sizes, config, min_size: Optional[int] = None) -> dict:
     """
     if min_size is None:
         min_size = config.min_size if np.ndim(config.min_size) == 0 else config.min_size[-1]
-    buckets = [tuple(b) for b in (config.get("canvas_buckets") or [config.canvas_size])]
-    members: dict = {b: [] for b in buckets}
+    members: dict = {b: [] for b in canvases(config)}
     for position, (h, w) in enumerate(np.asarray(sizes).reshape(-1, 2)):
         members[record_canvas(h, w, config, min_size, position)].append(position)
     return {b: np.asarray(m, np.int64) for b, m in members.items() if m}
@@ -545,14 +541,14 @@ def make_dataset(source, config, *, batch_size: int, train: bool, seed: int = 0,
         if global_batch_size != batch_size * process_count:
             raise ValueError(f"batch_size {batch_size} per process x {process_count} processes "
                              f"!= global_batch_size {global_batch_size}")
-        buckets = config.get("canvas_buckets") or [config.canvas_size]
+        buckets = canvases(config)
         bucketed = len(buckets) > 1
         groups = None
         if bucketed:  # one canvas per global batch: group the records by canvas bucket
             from maskrcnn_jax.data import builders
 
             _, sizes = builders.image_ids_and_sizes(source)
-            canvas_index = {tuple(b): i for i, b in enumerate(buckets)}
+            canvas_index = {b: i for i, b in enumerate(buckets)}
             groups = np.empty(len(source), np.int64)
             for canvas, positions in bucket_positions(sizes, config, max(min_sizes)).items():
                 groups[positions] = canvas_index[canvas]

@@ -94,15 +94,21 @@ def padded_size(image: np.ndarray, config, index: int = 0,
     if image.dtype != np.uint8:
         raise ValueError(f"image {index}: expected dtype uint8, got {image.dtype}")
     h, w = image.shape[:2]
-    out_h, out_w = resized_size(h, w, min_size, config.max_size)
+    (out_h, out_w), pad = padded_size_of(h, w, config, min_size)
     if out_h < 1 or out_w < 1:
         raise ValueError(
             f"image {index}: size {h}x{w} resizes to {out_h}x{out_w} (min_size {min_size}, "
             f"max_size {config.max_size}): a side of 0 pixels; crop or pad the image to a less "
             "extreme aspect ratio")
-    divisible = config.size_divisible
-    pad = (int(math.ceil(out_h / divisible) * divisible), int(math.ceil(out_w / divisible) * divisible))
     return (out_h, out_w), pad
+
+
+def padded_size_of(height: int, width: int, config, min_size: int):
+    """`padded_size` of a `height x width` image, without checks: `((out_h, out_w), (pad_h,
+    pad_w))`, the resized size and that rounded up to `config.size_divisible`."""
+    out = resized_size(int(height), int(width), int(min_size), config.max_size)
+    divisible = config.size_divisible
+    return out, tuple(int(math.ceil(v / divisible) * divisible) for v in out)
 
 
 def preprocess(images: Sequence[np.ndarray], config, indices: Sequence[int] | None = None,
@@ -209,7 +215,9 @@ def detect_in_batches(images: Sequence[np.ndarray], config, batch_size: int, for
 
     if isinstance(images, np.ndarray) and images.ndim == 3:
         raise ValueError("expected a sequence of images; wrap a single image in a list")
-    buckets = [tuple(b) for b in (buckets or config.get("canvas_buckets") or [config.canvas_size])]
+    from maskrcnn_jax.config import canvases
+
+    buckets = [tuple(b) for b in buckets] if buckets else canvases(config)
     groups: dict[tuple[int, int], list[int]] = {}
     for i, image in enumerate(images):
         (out_h, out_w), pad = padded_size(np.asarray(image), config, i)
