@@ -200,7 +200,8 @@ def detect_in_batches(images: Sequence[np.ndarray], config, batch_size: int, for
     `batch_size` (a short last chunk is padded with blank images, so the compiled shapes never
     change: one per canvas used), run through `forward(images, image_sizes, padded_sizes)` (the
     network: padded detections as host or device arrays), and mapped back to original-image
-    pixels, in the caller's order.
+    pixels, in the caller's order. With device arrays the host work overlaps the device's:
+    chunk k + 1 is preprocessed and dispatched before chunk k's outputs are pasted.
 
     Returns:
       One dict per image, as torchvision's Mask R-CNN in eval mode: `boxes (N, 4)` float32
@@ -228,22 +229,33 @@ def detect_in_batches(images: Sequence[np.ndarray], config, batch_size: int, for
                              f"{pad[0]}x{pad[1]}), which fits none of the canvases {buckets}")
         groups.setdefault(canvas, []).append(i)
     results: list[dict | None] = [None] * len(images)
+
+    def finish(chunk, batch, out):
+        out = {k: np.asarray(v) for k, v in out.items()}  # waits for the device
+        for k, i in enumerate(chunk):
+            n = int(out["valid"][k].sum())  # detections are packed first, padding after
+            original = tuple(int(v) for v in batch.original_sizes[k])
+            boxes = resize_boxes(out["boxes"][k, :n], batch.image_sizes[k], original)
+            results[i] = {
+                "boxes": boxes,
+                "scores": np.asarray(out["scores"][k, :n], np.float32),
+                "labels": np.asarray(out["labels"][k, :n], np.int64),
+                "masks": paste_masks(out["mask_probs"][k, :n], boxes, original)[:, None],
+            }
+
+    # Pipelined: chunk k is preprocessed and dispatched (JAX runs it asynchronously) before the
+    # outputs of chunk k - 1 are brought back and pasted, so host work overlaps device work.
+    pending = None
     for canvas, members in groups.items():
         for start in range(0, len(members), batch_size):
             chunk = members[start:start + batch_size]
             blanks = [np.zeros((32, 32, 3), np.uint8)] * (batch_size - len(chunk))
             batch = preprocess([images[i] for i in chunk] + blanks, config,
                                indices=chunk + [-1] * len(blanks), canvas_size=canvas)
-            out = {k: np.asarray(v) for k, v in
-                   forward(batch.images, batch.image_sizes, batch.padded_sizes).items()}
-            for k, i in enumerate(chunk):
-                n = int(out["valid"][k].sum())  # detections are packed first, padding after
-                original = tuple(int(v) for v in batch.original_sizes[k])
-                boxes = resize_boxes(out["boxes"][k, :n], batch.image_sizes[k], original)
-                results[i] = {
-                    "boxes": boxes,
-                    "scores": np.asarray(out["scores"][k, :n], np.float32),
-                    "labels": np.asarray(out["labels"][k, :n], np.int64),
-                    "masks": paste_masks(out["mask_probs"][k, :n], boxes, original)[:, None],
-                }
+            out = forward(batch.images, batch.image_sizes, batch.padded_sizes)
+            if pending is not None:
+                finish(*pending)
+            pending = (chunk, batch, out)
+    if pending is not None:
+        finish(*pending)
     return results
