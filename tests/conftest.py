@@ -39,3 +39,31 @@ def models_v2():
     from maskrcnn_jax.testing import parity_model
 
     return parity_model.build("v2")
+
+
+# pytest-xdist (`-n 2 --dist loadfile`) hands whole test files to its workers in queue order,
+# by default the files with the most tests first. The suite's wall time is bounded by a few long
+# files with few tests (whole-network parity, multi-process and kill -9 runs): queued last, one
+# of them can still run while the other worker has nothing left. Queued first (longest first,
+# by their measured times), they start at once and the many short files fill in around them.
+LONGEST_FILES = (
+    "tests/training/test_train.py",
+    "tests/training/test_gradient_parity.py",
+    "tests/distributed/test_multiprocess.py",
+    "tests/training/test_losses.py",
+    "tests/torchvision/test_cli.py",
+    "tests/training/test_finetune.py",
+    "tests/models/test_maskrcnn_parity.py",
+    "tests/distributed/test_sharded_inference.py",
+    "tests/inference/test_predict.py",
+)
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist's "most tests first"
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {path: i for i, path in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable
