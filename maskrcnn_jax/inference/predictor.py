@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import weakref
 from typing import Optional, Sequence
 
 import jax
@@ -34,12 +35,23 @@ from maskrcnn_jax.models.maskrcnn import MaskRCNN, check_variables, frozen
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled_forward(config, mesh: Mesh):
-    """One jitted network per (hashable, frozen) config and mesh, shared by every Predictor of
-    them: variables replicated, images and detections split on 'data'."""
+def _recent_forward(config, mesh: Mesh):
     replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     return jax.jit(MaskRCNN(config).apply, in_shardings=(replicated, data, data, data),
                    out_shardings=data)
+
+
+_LIVE_FORWARDS: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
+
+
+def _compiled_forward(config, mesh: Mesh):
+    """One jitted network per (hashable, frozen) config and mesh, shared by every Predictor of
+    them while one is alive (and by the 8 most recent pairs' even when none is): variables
+    replicated, images and detections split on 'data'."""
+    forward = _LIVE_FORWARDS.get((config, mesh))
+    if forward is None:
+        forward = _LIVE_FORWARDS[(config, mesh)] = _recent_forward(config, mesh)
+    return forward
 
 
 def local_mesh(batch_size: int, devices=None) -> Mesh:

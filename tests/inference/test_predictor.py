@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 
+from maskrcnn_jax.config import model_config
 from maskrcnn_jax.inference.predictor import Predictor
 from maskrcnn_jax.testing.tiny import tiny_model
 
@@ -115,3 +116,13 @@ def test_program_cache_reuses_the_exported_network(tiny, tmp_path, monkeypatch):
     again = Predictor(config, variables, program_cache_dir=str(tmp_path))(images)
     np.testing.assert_array_equal(again[0]["boxes"], expected[0]["boxes"])
     assert os.path.getsize(programs[0]) > 1000  # exported again
+
+
+def test_predictors_of_one_config_share_the_compiled_network(tiny):
+    """A new Predictor of a config that a live Predictor has reuses its jitted network (and its
+    compiled programs), however many Predictors of other configs were made in between."""
+    config, variables = tiny
+    first = Predictor(config, variables)
+    for k in range(1, 11):  # more configs than the recent-configs cache holds (8)
+        Predictor(model_config(**dict(config, box_score_thresh=0.01 * k)), variables)
+    assert Predictor(config, variables)._forward is first._forward
