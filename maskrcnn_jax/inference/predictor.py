@@ -17,6 +17,7 @@ compilation cache the compiled program is loaded too. The check of the weights a
 config keeps its expected shapes there as well.
 """
 
+import collections
 import functools
 import hashlib
 import json
@@ -33,24 +34,29 @@ from jax.sharding import PartitionSpec as P
 from maskrcnn_jax.data.transform import detect_in_batches
 from maskrcnn_jax.models.maskrcnn import MaskRCNN, check_variables, frozen
 
-
-@functools.lru_cache(maxsize=8)
-def _recent_forward(config, mesh: Mesh):
-    replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    return jax.jit(MaskRCNN(config).apply, in_shardings=(replicated, data, data, data),
-                   out_shardings=data)
-
-
+# Jitted networks by (config values, mesh): those a live Predictor holds, and the 8 most recent.
 _LIVE_FORWARDS: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
+_RECENT_FORWARDS: "collections.OrderedDict" = collections.OrderedDict()
 
 
 def _compiled_forward(config, mesh: Mesh):
-    """One jitted network per (hashable, frozen) config and mesh, shared by every Predictor of
-    them while one is alive (and by the 8 most recent pairs' even when none is): variables
-    replicated, images and detections split on 'data'."""
-    forward = _LIVE_FORWARDS.get((config, mesh))
+    """One jitted network per (frozen) config and mesh, shared by every Predictor of them while
+    one is alive (and kept for the 8 most recent pairs even when none is): variables replicated,
+    images and detections split on 'data'."""
+    # Keyed by the config's values, not its hash: a FrozenConfigDict's hash follows its own
+    # ConfigDict (`as_configdict()`, mutable), so a stored key's hash can change.
+    key = (json.dumps(config.to_dict(), sort_keys=True, default=str), mesh)
+    forward = _LIVE_FORWARDS.get(key)
     if forward is None:
-        forward = _LIVE_FORWARDS[(config, mesh)] = _recent_forward(config, mesh)
+        forward = _RECENT_FORWARDS.get(key)
+    if forward is None:
+        replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+        forward = jax.jit(MaskRCNN(config).apply, in_shardings=(replicated, data, data, data),
+                          out_shardings=data)
+    _LIVE_FORWARDS[key] = _RECENT_FORWARDS[key] = forward
+    _RECENT_FORWARDS.move_to_end(key)
+    while len(_RECENT_FORWARDS) > 8:
+        _RECENT_FORWARDS.popitem(last=False)
     return forward
 
 

@@ -72,7 +72,9 @@ def test_bfloat16_compute(models):
     from maskrcnn_jax.data.transform import preprocess
 
     _, predictor, images = models
-    config = predictor.config.as_configdict()
+    # A copy: `as_configdict()` is the frozen config's own ConfigDict, and changing it would
+    # change the shared fixture's config (and its hash) for every later test.
+    config = predictor.config.as_configdict().copy_and_resolve_references()
     config.compute_dtype = "bfloat16"
     bf16 = Predictor(config, predictor.variables)
     batch = preprocess(images[:1], predictor.config)
