@@ -11,6 +11,8 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from maskrcnn_jax.config import bucket_for, canvases
+
 
 class Batch(NamedTuple):
     """A batch of images in the canvas.
@@ -212,12 +214,8 @@ def detect_in_batches(images: Sequence[np.ndarray], config, batch_size: int, for
       ValueError: naming the image's index in `images`, for a bad image or one that fits no
         canvas.
     """
-    from maskrcnn_jax.config import bucket_for
-
     if isinstance(images, np.ndarray) and images.ndim == 3:
         raise ValueError("expected a sequence of images; wrap a single image in a list")
-    from maskrcnn_jax.config import canvases
-
     buckets = [tuple(b) for b in buckets] if buckets else canvases(config)
     groups: dict[tuple[int, int], list[int]] = {}
     for i, image in enumerate(images):
