@@ -3,6 +3,8 @@
     python eval.py --checkpoint=DIR [--data=shapes|coco_instances] [--data_dir=~/tensorflow_datasets]
                    [--split=validation] [--manual_dir=COCO_FOLDER] [--workdir=OUT] [--batch_size=8]
                    [--coco_eval=pycocotools|faster_coco_eval]
+                   [--coordinator_address=HOST:PORT --num_processes=N --process_id=I
+                    | --distributed]
 
 DIR is either
   (a) a converted checkpoint (convert.py: `config.json` + `variables/`), or
@@ -11,6 +13,10 @@ DIR is either
       the data set defaults to the one it was trained on (its eval split).
 Prints the 12-line COCO summaries and writes detections.json and metrics.json into --workdir
 (default: DIR). A --checkpoint that does not exist is an error; nothing is created.
+
+Several processes (hosts) evaluate together when every one runs the same command with the
+multi-process flags (as train.py): each reads its share of the split on its own devices, process
+0 runs COCOeval and writes the files, and the metrics equal a single-process run's.
 """
 
 import os
@@ -18,7 +24,7 @@ import sys
 
 from absl import flags
 
-from maskrcnn_jax import cli
+from maskrcnn_jax import cli, runtime
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("checkpoint", None, "converted checkpoint directory or train.py workdir",
@@ -40,7 +46,7 @@ flags.DEFINE_bool("progress", True, "show a progress bar", flag_values=FLAGS)
 flags.DEFINE_enum("coco_eval", "pycocotools", ["pycocotools", "faster_coco_eval"],
                   "COCOeval implementation: pycocotools, or faster-coco-eval's C++ one (the same "
                   "stats, several times faster; pip install faster-coco-eval)", flag_values=FLAGS)
-cli.define_compilation_cache_flag(FLAGS)
+cli.define_runtime_flags(FLAGS)
 
 
 def load_source(train_config, data=None, data_dir=None, split=None, manual_dir=None,
@@ -64,7 +70,6 @@ def load_source(train_config, data=None, data_dir=None, split=None, manual_dir=N
 
 def main(argv=None) -> int:
     args = cli.parse(FLAGS, argv, __doc__, "eval.py")
-    cli.enable_compilation_cache(FLAGS.compilation_cache_dir)
     if args:
         raise SystemExit(f"eval.py: unexpected arguments {args}; see --help")
     if not FLAGS.checkpoint:
@@ -72,6 +77,7 @@ def main(argv=None) -> int:
     checkpoint = os.path.expanduser(FLAGS.checkpoint)
     if not os.path.isdir(checkpoint):
         raise SystemExit(f"eval.py: --checkpoint {checkpoint}: no such directory")
+    cli.start_runtime(FLAGS, "eval.py")
 
     from maskrcnn_jax.checkpoints import load_checkpoint
     from maskrcnn_jax.inference.evaluation import evaluate
@@ -82,7 +88,9 @@ def main(argv=None) -> int:
     metrics = evaluate(config, variables, source, batch_size=FLAGS.batch_size,
                        workdir=FLAGS.workdir or checkpoint, max_images=FLAGS.max_images,
                        progress=FLAGS.progress, coco_backend=FLAGS.coco_eval)
-    print(" ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.endswith(("/AP", "/AP50"))))
+    if runtime.is_main_process():
+        print(" ".join(f"{k}={v:.4f}" for k, v in metrics.items()
+                       if k.endswith(("/AP", "/AP50"))))
     return 0
 
 

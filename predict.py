@@ -2,6 +2,7 @@
 
     python predict.py --checkpoint=DIR --out=DIR IMAGE [IMAGE ...]
         [--score_threshold=0.5] [--class_names=names.txt] [--batch_size=1]
+        [--coordinator_address=HOST:PORT --num_processes=N --process_id=I | --distributed]
 
 --checkpoint is a directory written by convert.py (config.json + Orbax variables) or a train.py
 workdir. For each image, OUT/<name>.png shows the masks, boxes, labels and scores drawn over it
@@ -12,6 +13,11 @@ Outputs never overwrite an input or each other: --out may not be a folder that h
 the inputs, and inputs whose names collide (a/img.jpg, b/img.png) get numbered outputs
 (img.png, img_1.png, in command-line order). Images that cannot be read are reported and
 skipped; the exit status is then 1, after every other image has been processed.
+
+Several processes (hosts) share the work when every one runs the same command with the
+multi-process flags (as train.py): process p of P detects its contiguous share of the images
+(in command-line order) on its own devices and writes their outputs, so each output is written
+once; the output names are those of a single-process run.
 """
 
 import json
@@ -33,7 +39,7 @@ flags.DEFINE_string("class_names", None, "text file, one name per line, line 0 =
                     flag_values=FLAGS)
 flags.DEFINE_integer("batch_size", 1, "images per compiled call", lower_bound=1,
                      flag_values=FLAGS)
-cli.define_compilation_cache_flag(FLAGS)
+cli.define_runtime_flags(FLAGS)
 
 
 def output_stems(paths) -> list[str]:
@@ -70,13 +76,16 @@ def check_paths(images, checkpoint, out):
 
 def predict_files(images, checkpoint, out, score_threshold=0.5, class_names_file=None,
                   batch_size=1, program_cache_dir=None) -> int:
-    """Run the model on image files (see the module docstring); returns the exit status."""
+    """Run the model on image files (see the module docstring); returns the exit status.
+    With several JAX processes, this process's share of `images` only."""
+    import jax
     from PIL import Image
 
     from maskrcnn_jax.checkpoints import load_checkpoint
     from maskrcnn_jax.data.images import read_rgb
+    from maskrcnn_jax.data.pipeline import shard_bounds
+    from maskrcnn_jax.inference.coco_results import detections_to_coco
     from maskrcnn_jax.inference.draw import draw_detections
-    from maskrcnn_jax.inference.evaluation import detections_to_coco
     from maskrcnn_jax.inference.predictor import Predictor
 
     check_paths(images, checkpoint, out)
@@ -93,7 +102,10 @@ def predict_files(images, checkpoint, out, score_threshold=0.5, class_names_file
                           program_cache_dir=program_cache_dir)
     os.makedirs(out, exist_ok=True)
     failed = []
+    start, end = shard_bounds(len(images), jax.process_index(), jax.process_count())
     for image_id, (path, stem) in enumerate(zip(images, output_stems(images))):
+        if not start <= image_id < end:  # another process's image
+            continue
         try:
             image = read_rgb(path)
             detections = predictor([image])[0]
@@ -113,7 +125,7 @@ def predict_files(images, checkpoint, out, score_threshold=0.5, class_names_file
         print(f"{path}: {len(detections['scores'])} detections ({shown} >= {score_threshold}) "
               f"-> {picture}", flush=True)
     if failed:
-        print(f"{len(failed)} of {len(images)} images could not be read: {', '.join(failed)}",
+        print(f"{len(failed)} of {end - start} images could not be read: {', '.join(failed)}",
               file=sys.stderr, flush=True)
         return 1
     return 0
@@ -121,7 +133,8 @@ def predict_files(images, checkpoint, out, score_threshold=0.5, class_names_file
 
 def main(argv=None) -> int:
     images = cli.parse(FLAGS, argv, __doc__, "predict.py")
-    cli.enable_compilation_cache(FLAGS.compilation_cache_dir)
+    check_paths(images, FLAGS.checkpoint, FLAGS.out)
+    cli.start_runtime(FLAGS, "predict.py")
     cache = FLAGS.compilation_cache_dir
     return predict_files(images, FLAGS.checkpoint, FLAGS.out, FLAGS.score_threshold,
                          FLAGS.class_names, FLAGS.batch_size,

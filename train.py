@@ -11,7 +11,6 @@ and TensorBoard (`workdir/tb`); at the end the model is evaluated (COCO box and 
 `final_eval`) and the final metrics are printed.
 """
 
-import json
 import logging
 import os
 import signal
@@ -23,11 +22,10 @@ import jax
 import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
-from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from maskrcnn_jax import checkpoints, cli
+from maskrcnn_jax import checkpoints, cli, runtime
 from maskrcnn_jax.config import model_config
 from maskrcnn_jax.data import builders, pipeline
 from maskrcnn_jax.models.maskrcnn import MaskRCNN, frozen
@@ -36,14 +34,10 @@ from maskrcnn_jax.training import train_lib
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/shapes.py", "Training configuration file.")
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics and TensorBoard logs go here.")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for a multi-process "
-                    "run started by hand (with --num_processes, --process_id); else "
-                    "--config.distributed=True auto-detects (Cloud TPU, SLURM, ...)")
-flags.DEFINE_integer("num_processes", None, "processes in a run started by hand")
-flags.DEFINE_integer("process_id", None, "this process's index in a run started by hand")
-# Listed by `python train.py --help` (absl shows the main module's own flags).
-cli.define_compilation_cache_flag(
-    FLAGS, module_name=sys.argv[0] if __name__ == "__main__" else __name__)
+# Listed by `python train.py --help` (absl shows the main module's own flags). A multi-process
+# run: --coordinator_address/--num_processes/--process_id by hand, or --distributed (or
+# --config.distributed=True) to auto-detect the cluster.
+cli.define_runtime_flags(FLAGS, module_name=sys.argv[0] if __name__ == "__main__" else __name__)
 
 log = logging.getLogger(__name__)
 
@@ -108,29 +102,35 @@ def evaluate(config, model_cfg, state, workdir: str):
 
     # Every process evaluates its shard of the split on its devices (the state's mesh).
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    return evaluation.evaluate(model_cfg, variables, load_source(config.data, config.data.eval_split),
-                               batch_size=config.data.eval_batch_size, workdir=workdir,
-                               mesh=train_lib.make_mesh())
+    source = load_source(config.data, config.data.eval_split)
+    return evaluation.evaluate(model_cfg, variables, source, workdir=workdir,
+                               batch_size=config.data.eval_batch_size, mesh=runtime.data_mesh())
 
 
-# This process's compiled train steps by configuration (at most 4): a second
-# `train_and_evaluate` of the same model, optimizer, batch and mesh in one process (a resume in a
-# notebook, the tests) runs the program it has instead of compiling it again.
-_TRAIN_STEPS = {}
+def training_model_config(config):
+    """The model config of a training run: `config.model`, with ground-truth masks as the input
+    pipeline gives them (crops on their boxes)."""
+    return model_config(**{**config.model.to_dict(), "gt_mask_format": "crops"})
 
 
-def _train_step(config, model, tx, mesh, frozen_labels):
-    key = json.dumps([config.model.to_dict(), config.optimizer.to_dict(),
-                      config.data.batch_size, config.mask_rois_per_image,
-                      config.get("mask_rois_per_batch"), config.frozen_backbone_stages,
-                      [d.id for d in mesh.devices.flat]], sort_keys=True, default=str)
-    if key not in _TRAIN_STEPS:
-        while len(_TRAIN_STEPS) >= 4:
-            _TRAIN_STEPS.pop(next(iter(_TRAIN_STEPS)))
-        _TRAIN_STEPS[key] = train_lib.make_train_step(
-            model, tx, mesh, config.mask_rois_per_image, frozen_labels,
-            config.get("mask_rois_per_batch"))
-    return _TRAIN_STEPS[key]
+def compiled_train_step(config, mesh, param_shapes):
+    """The jitted train step of a run's model, optimizer and global batch on `mesh` (frozen
+    backbone stages without gradient). One per configuration in the process
+    (`runtime.compiled`): a second `train_and_evaluate` of it (a resume in a notebook, the
+    tests) runs the program it has instead of compiling it again.
+
+    `param_shapes`: the model's parameters (or their shapes, `jax.eval_shape`)."""
+    model_cfg = training_model_config(config)
+    stages = config.frozen_backbone_stages
+
+    def build():
+        tx, _ = train_lib.create_optimizer(config.optimizer, param_shapes,
+                                           int(config.data.batch_size), stages)
+        labels = train_lib.frozen_param_labels(param_shapes, stages) if stages else None
+        return train_lib.make_train_step(MaskRCNN(frozen(model_cfg)), tx, mesh, labels)
+
+    return runtime.compiled("train_step", [model_cfg, config.optimizer, config.data.batch_size,
+                                           stages, mesh], build)
 
 
 def train_and_evaluate(config, workdir: str, step_hook=None) -> dict:
@@ -151,11 +151,11 @@ def train_and_evaluate(config, workdir: str, step_hook=None) -> dict:
         deleted, so that the newest checkpoint is one that trains on.
     """
     workdir = os.path.abspath(os.path.expanduser(workdir))
-    model_cfg = model_config(**config.model.to_dict())
+    model_cfg = training_model_config(config)
     model = MaskRCNN(frozen(model_cfg))
     global_batch = int(config.data.batch_size)
     local_batch = train_lib.check_batch_size(global_batch)
-    mesh = train_lib.make_mesh()
+    mesh = runtime.data_mesh()
 
     def make_loader(start_record: int):  # this process's slice of the global sequence
         return pipeline.make_dataset(
@@ -178,13 +178,12 @@ def train_and_evaluate(config, workdir: str, step_hook=None) -> dict:
         initial = finetune.load_pretrained(config.init_from, model_cfg,
                                            jax.random.fold_in(key, 1))
     if manager.latest_step() is None:
-        state = train_lib.replicate(
+        state = runtime.replicate(
             train_lib.create_train_state(model, tx, key, backbone, variables=initial), mesh)
     else:  # resuming: the restore target needs only shapes (no initialisation to compile)
         state = jax.eval_shape(lambda: train_lib.create_train_state(model, tx, key))
-        replicated = NamedSharding(mesh, PartitionSpec())
-        state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-                             state)
+        state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(
+            s.shape, s.dtype, sharding=runtime.replicated(mesh)), state)
     restored = checkpoints.restore_train_state(manager, state, config.model.to_dict())
     start_record = 0
     if restored is not None:
@@ -194,9 +193,7 @@ def train_and_evaluate(config, workdir: str, step_hook=None) -> dict:
     data_iter, start_step = iter(make_loader(start_record)), step
     if restored is not None:
         log.info("resumed from step %d", step)
-    frozen_labels = (train_lib.frozen_param_labels(param_shapes, config.frozen_backbone_stages)
-                     if config.frozen_backbone_stages else None)
-    p_train_step = _train_step(config, model, tx, mesh, frozen_labels)
+    p_train_step = compiled_train_step(config, mesh, param_shapes)
     writer = train_lib.MetricWriter(workdir)
     num_steps = int(config.num_train_steps)
 
@@ -208,7 +205,7 @@ def train_and_evaluate(config, workdir: str, step_hook=None) -> dict:
     window, window_start, window_steps = {}, time.time(), 0
     last_logged = {}
     with SigtermFlag() as sigterm, tqdm(total=num_steps, initial=step, desc="train",
-                                        disable=jax.process_index() != 0) as bar:
+                                        disable=not runtime.is_main_process()) as bar:
         while step < num_steps:
             # This process's SIGTERM flag rides along with the batch; the step returns the OR
             # over every process, so all of them stop after the same step.
@@ -258,31 +255,13 @@ def train_and_evaluate(config, workdir: str, step_hook=None) -> dict:
     return results
 
 
-def initialize_distributed(auto: bool, coordinator_address=None, num_processes=None,
-                           process_id=None):
-    """`jax.distributed.initialize`: with an explicit coordinator (a run started by hand, e.g.
-    on one machine), or auto-detected (Cloud TPU pod slices, SLURM, Open MPI, ...) when `auto`.
-    On CPU, cross-process collectives go through gloo."""
-    explicit = (coordinator_address, num_processes, process_id)
-    if any(v is not None for v in explicit) and any(v is None for v in explicit):
-        raise app.UsageError("--coordinator_address, --num_processes and --process_id go "
-                             "together")
-    if coordinator_address is None and not auto:
-        return
-    if jax.config.jax_platforms in ("cpu",) or os.environ.get("JAX_PLATFORMS") == "cpu":
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if FLAGS.workdir is None:
         raise app.UsageError("--workdir is required")
     config = FLAGS.config
-    cli.enable_compilation_cache(FLAGS.compilation_cache_dir)
-    initialize_distributed(config.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
-                           FLAGS.process_id)
+    cli.start_runtime(FLAGS, "train.py", auto=config.distributed)
     # Our progress and warnings at INFO; libraries' (Orbax, TFDS, absl) chatter only from WARNING.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("maskrcnn_jax").setLevel(logging.INFO)
@@ -291,7 +270,7 @@ def main(argv):
     log.info("devices: %s (process %d of %d)", jax.devices(), jax.process_index(),
              jax.process_count())
     results = train_and_evaluate(config, FLAGS.workdir)
-    if jax.process_index() == 0:
+    if runtime.is_main_process():
         print("final metrics:")
         for k, v in sorted(results.items()):
             print(f"  {k}: {v:.4f}" if isinstance(v, (float, np.floating)) else f"  {k}: {v}")

@@ -255,13 +255,15 @@ def time_jax(net, tx, params, stats, opt_state, data, mask_rois, steps, frozen_l
     step, the jitted step) of the jitted step; `frozen_labels` ('frozen'/'trained' per parameter): the frozen
     ones get no gradient, as in `train_lib.train_step`."""
 
+    net = type(net)(frozen({**net.config.to_dict(), "gt_mask_format": "full",
+                            "mask_rois_per_image": mask_rois,
+                            "mask_rois_per_batch": mask_rois_per_batch}))
+
     @jax.jit
     def step(params, opt_state, data, key):
         def loss_fn(p):
             p = stop_frozen_gradients(p, frozen_labels)
-            return compute_losses(net, {"params": p, "batch_stats": stats}, data, key,
-                                  mask_format="full", mask_rois_per_image=mask_rois,
-                                  mask_rois_per_batch=mask_rois_per_batch)
+            return compute_losses(net, {"params": p, "batch_stats": stats}, data, key)
         (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss, terms["loss_mask"]

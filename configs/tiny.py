@@ -1,5 +1,5 @@
-"""A tiny CPU training run for tests: the `tiny` backbone in a 64x64 canvas on a 16-image shapes
-set, batch 8, checkpoints every 2 steps, no final evaluation.
+"""A tiny CPU training run for tests and smoke runs: the `tiny` backbone in a 64x64 canvas on a
+16-image shapes set, batch 8, 20 steps, checkpoints every 2 steps, no final evaluation.
 
     python train.py --config=configs/tiny.py --workdir=DIR --config.data.data_dir=TFDS_DIR
 """
@@ -13,16 +13,16 @@ def get_config():
         backbone="tiny", min_size=64, max_size=64, canvas_size=(64, 64),
         rpn_pre_nms_top_n_train=100, rpn_post_nms_top_n_train=50,
         rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=50,
-        rpn_batch_size_per_image=64, box_batch_size_per_image=32))
+        rpn_batch_size_per_image=64, box_batch_size_per_image=32, mask_rois_per_image=4))
     config.data.shapes = dict(num_train=16, num_validation=4, seed=0)
     config.data.batch_size = 8
     config.data.min_sizes = (56, 64)
     config.data.mask_crop_size = 28
-    config.mask_rois_per_image = 4
     config.optimizer.warmup_steps = 2
     config.optimizer.milestones = (1000,)
     config.optimizer.learning_rate = 0.02  # at batch 8: independent of the shapes recipe
     config.optimizer.reference_batch_size = 8
+    config.num_train_steps = 20
     config.log_every_steps = 1
     config.checkpoint_every_steps = 2
     config.final_eval = False

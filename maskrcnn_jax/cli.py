@@ -1,9 +1,12 @@
-"""Flag parsing shared by the command-line tools (`predict.py`, `eval.py`, `convert.py`).
+"""Flag parsing and start-up shared by the command-line tools (`train.py`, `eval.py`,
+`predict.py`, `convert.py`).
 
 Each tool defines its absl flags on its own `flags.FlagValues`, so that tools can be imported
 and run side by side (tests, notebooks) without their flag names colliding in absl's global
 registry; `train.py` keeps the global one for `ml_collections.config_flags`. Every tool turns
-on JAX's persistent compilation cache (`--compilation_cache_dir`, 'none' for off).
+on JAX's persistent compilation cache (`--compilation_cache_dir`, 'none' for off); the tools
+that run on devices take the same multi-process flags (`define_runtime_flags`) and start the
+runtime with `start_runtime` before anything touches a device.
 """
 
 import os
@@ -49,6 +52,41 @@ def define_compilation_cache_flag(flag_values: flags.FlagValues = flags.FLAGS,
         "of the same shapes loads its programs instead of tracing and compiling them again; "
         "'none' turns it off", flag_values=flag_values,
         module_name=module_name)
+
+
+def define_runtime_flags(flag_values: flags.FlagValues = flags.FLAGS,
+                         module_name: Optional[str] = None):
+    """The multi-process flags (`--coordinator_address`, `--num_processes`, `--process_id`,
+    `--distributed`) and `--compilation_cache_dir` on `flag_values`."""
+    flags.DEFINE_string(
+        "coordinator_address", None, "host:port of process 0 for a multi-process run started "
+        "by hand (with --num_processes and --process_id; every process runs the same command)",
+        flag_values=flag_values, module_name=module_name)
+    flags.DEFINE_integer("num_processes", None, "processes in a run started by hand",
+                         lower_bound=1, flag_values=flag_values, module_name=module_name)
+    flags.DEFINE_integer("process_id", None, "this process's index in a run started by hand",
+                         lower_bound=0, flag_values=flag_values, module_name=module_name)
+    flags.DEFINE_bool(
+        "distributed", False, "multi-process run with the cluster auto-detected by "
+        "jax.distributed.initialize() (Cloud TPU pod slices, SLURM, Open MPI, ...)",
+        flag_values=flag_values, module_name=module_name)
+    define_compilation_cache_flag(flag_values, module_name=module_name)
+
+
+def start_runtime(flag_values: flags.FlagValues, program: str, auto: bool = False):
+    """Turn on the compilation cache and start `jax.distributed` as the runtime flags say
+    (`auto`: auto-detect even without `--distributed`). A usage error (some of the explicit
+    multi-process flags without the others) exits 2 with one line."""
+    from maskrcnn_jax import runtime
+
+    enable_compilation_cache(flag_values.compilation_cache_dir)
+    try:
+        runtime.initialize(auto or flag_values.distributed, flag_values.coordinator_address,
+                           flag_values.num_processes, flag_values.process_id)
+    except ValueError as e:
+        print(f"{program}: {e}: give all three flags --coordinator_address, --num_processes, "
+              "--process_id, or none", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 def enable_compilation_cache(directory: Optional[str]):

@@ -73,9 +73,20 @@ STATIC_DEFAULTS: dict[str, Any] = dict(
     box_representation_size=1024,
     mask_head_layers=(256, 256, 256, 256),
     mask_dim_reduced=256,
+    # Training only: static shapes of the mask head's samples and targets
+    # (`MaskRCNN.training_outputs`). Mask-head RoIs per image (None: every sampled positive,
+    # `box_batch_size_per_image * box_positive_fraction`), or one budget for the whole batch.
+    mask_rois_per_image=None,
+    mask_rois_per_batch=None,
+    # Ground-truth masks given as 'crops' on their boxes (the input pipeline's) or 'full'
+    # canvas-sized masks; None decides by shape (masks the canvas size are full).
+    gt_mask_format=None,
+    # RoIAlign grid bound for full-resolution gt masks (None: exact; see targets.mask_targets).
+    max_mask_sampling_grid=None,
 )
 
 ARCHITECTURES = ("v1", "v2")
+GT_MASK_FORMATS = (None, "crops", "full")
 
 _TORCHVISION_ONLY = {"weights", "progress", "weights_backbone", "trainable_backbone_layers"}
 
@@ -96,6 +107,9 @@ def model_config(**kwargs) -> ml_collections.ConfigDict:
     values["mask_head_layers"] = tuple(int(v) for v in values["mask_head_layers"])
     if values["architecture"] not in ARCHITECTURES:
         raise ValueError(f"architecture {values['architecture']!r}: choose from {ARCHITECTURES}")
+    if values["gt_mask_format"] not in GT_MASK_FORMATS:
+        raise ValueError(f"gt_mask_format {values['gt_mask_format']!r}: choose from "
+                         f"{GT_MASK_FORMATS}")
     values["frozen_bn_eps"] = float(values["frozen_bn_eps"])
     if values["frozen_bn_eps"] < 0:
         raise ValueError(f"frozen_bn_eps {values['frozen_bn_eps']} must be >= 0")

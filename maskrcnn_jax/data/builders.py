@@ -16,7 +16,9 @@ Records: see `coco.RECORD_FIELDS`. Entry points: `load(...)`, `categories(source
 `defects(source)`, `coco_ground_truth(source)`.
 """
 
+import contextlib
 import dataclasses
+import fcntl
 import logging
 import os
 from typing import Optional, Union
@@ -186,9 +188,14 @@ def load(name: str, data_dir: str, split: str, manual_dir: Optional[str] = None,
     if not b.is_prepared():
         if name == "coco_instances" and manual_dir is None:
             raise ValueError("coco_instances needs manual_dir (the COCO folder)")
-        logging.info("building %s into %s", b.name, b.data_dir)
-        b.download_and_prepare(download_config=tfds.download.DownloadConfig(
-            manual_dir=manual_dir))
+        # One builder at a time per data_dir: the processes of a multi-process run (or two
+        # runs) that find the data missing wait for the first to build it, then read it.
+        with _exclusive(os.path.join(os.path.expanduser(data_dir), f".{name}.lock")):
+            b = builder(name, data_dir, config, strict=strict)
+            if not b.is_prepared():
+                logging.info("building %s into %s", b.name, b.data_dir)
+                b.download_and_prepare(download_config=tfds.download.DownloadConfig(
+                    manual_dir=manual_dir))
     elif strict and name == "coco_instances":
         found = {s: d for s, d in (b.info.metadata.get("defects") or {}).items() if d["kinds"]}
         if found:
@@ -197,6 +204,18 @@ def load(name: str, data_dir: str, split: str, manual_dir: Optional[str] = None,
                 "strictly:\n" + "\n".join(coco.format_defect_summary(s, d)
                                            for s, d in found.items()))
     return b.as_data_source(split=split)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: str):
+    """Holds an exclusive `flock` on `lock_path` (created) for the duration."""
+    os.makedirs(os.path.dirname(lock_path), exist_ok=True)
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def defects(source) -> dict:

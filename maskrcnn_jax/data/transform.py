@@ -11,7 +11,6 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from maskrcnn_jax.config import bucket_for, canvases
 
 
 class Batch(NamedTuple):
@@ -191,69 +190,3 @@ def pasted_crops(masks: np.ndarray, boxes: np.ndarray, image_size, padding: int 
         if xb > xa and yb > ya:
             resized = bilinear_resize(padded[i], max(y1 - y0 + 1, 1), max(x1 - x0 + 1, 1))
             yield i, (ya, yb, xa, xb), resized[ya - y0:yb - y0, xa - x0:xb - x0]
-
-
-def detect_in_batches(images: Sequence[np.ndarray], config, batch_size: int, forward,
-                      buckets=None) -> list[dict]:
-    """Host side of batched inference, shared by `Predictor` and the exported model's loader.
-
-    Each image goes to the smallest canvas of `buckets` (default `config.canvas_buckets`) that
-    holds it after resizing; the images of one canvas are preprocessed in chunks of
-    `batch_size` (a short last chunk is padded with blank images, so the compiled shapes never
-    change: one per canvas used), run through `forward(images, image_sizes, padded_sizes)` (the
-    network: padded detections as host or device arrays), and mapped back to original-image
-    pixels, in the caller's order. With device arrays the host work overlaps the device's:
-    chunk k + 1 is preprocessed and dispatched before chunk k's outputs are pasted.
-
-    Returns:
-      One dict per image, as torchvision's Mask R-CNN in eval mode: `boxes (N, 4)` float32
-      `(x1, y1, x2, y2)` in original-image pixels, `scores (N,)` float32 (decreasing),
-      `labels (N,)` int64, `masks (N, 1, H, W)` float32 probabilities.
-
-    Raises:
-      ValueError: naming the image's index in `images`, for a bad image or one that fits no
-        canvas.
-    """
-    if isinstance(images, np.ndarray) and images.ndim == 3:
-        raise ValueError("expected a sequence of images; wrap a single image in a list")
-    buckets = [tuple(b) for b in buckets] if buckets else canvases(config)
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, image in enumerate(images):
-        (out_h, out_w), pad = padded_size(np.asarray(image), config, i)
-        canvas = bucket_for(pad, buckets)
-        if canvas is None:
-            h, w = np.shape(image)[:2]
-            raise ValueError(f"image {i}: size {h}x{w} resizes to {out_h}x{out_w} (padded "
-                             f"{pad[0]}x{pad[1]}), which fits none of the canvases {buckets}")
-        groups.setdefault(canvas, []).append(i)
-    results: list[dict | None] = [None] * len(images)
-
-    def finish(chunk, batch, out):
-        out = {k: np.asarray(v) for k, v in out.items()}  # waits for the device
-        for k, i in enumerate(chunk):
-            n = int(out["valid"][k].sum())  # detections are packed first, padding after
-            original = tuple(int(v) for v in batch.original_sizes[k])
-            boxes = resize_boxes(out["boxes"][k, :n], batch.image_sizes[k], original)
-            results[i] = {
-                "boxes": boxes,
-                "scores": np.asarray(out["scores"][k, :n], np.float32),
-                "labels": np.asarray(out["labels"][k, :n], np.int64),
-                "masks": paste_masks(out["mask_probs"][k, :n], boxes, original)[:, None],
-            }
-
-    # Pipelined: chunk k is preprocessed and dispatched (JAX runs it asynchronously) before the
-    # outputs of chunk k - 1 are brought back and pasted, so host work overlaps device work.
-    pending = None
-    for canvas, members in groups.items():
-        for start in range(0, len(members), batch_size):
-            chunk = members[start:start + batch_size]
-            blanks = [np.zeros((32, 32, 3), np.uint8)] * (batch_size - len(chunk))
-            batch = preprocess([images[i] for i in chunk] + blanks, config,
-                               indices=chunk + [-1] * len(blanks), canvas_size=canvas)
-            out = forward(batch.images, batch.image_sizes, batch.padded_sizes)
-            if pending is not None:
-                finish(*pending)
-            pending = (chunk, batch, out)
-    if pending is not None:
-        finish(*pending)
-    return results

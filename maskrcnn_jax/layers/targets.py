@@ -24,14 +24,17 @@ from maskrcnn_jax.ops.sampler import sample_balanced, sampled_mask
 # A unit box substituted for the reference boxes of entries whose regression target is unused
 # (negatives, ignored, padded): encoding against degenerate padded boxes gives inf/NaN, which a
 # later `where` hides in the forward pass but not in the gradient.
-_UNIT_BOX = jnp.asarray([0.0, 0.0, 1.0, 1.0], jnp.float32)
+# A plain tuple: a module-level array would initialise JAX's backend at import, before
+# `jax.distributed.initialize` could run.
+_UNIT_BOX = (0.0, 0.0, 1.0, 1.0)
 
 
 def _safe_encode(gt_boxes, reference_boxes, use, weights):
     """`encode_boxes(gt_boxes, reference_boxes, weights)` where `use`, exactly 0 elsewhere."""
     use = use[:, None]
-    gt = jnp.where(use, gt_boxes, _UNIT_BOX)
-    ref = jnp.where(use, reference_boxes, _UNIT_BOX)
+    unit = jnp.asarray(_UNIT_BOX, jnp.float32)
+    gt = jnp.where(use, gt_boxes, unit)
+    ref = jnp.where(use, reference_boxes, unit)
     return jnp.where(use, encode_boxes(gt, ref, weights), 0.0)
 
 

@@ -1,8 +1,9 @@
 """The Mask R-CNN network, wired once as torchvision's GeneralizedRCNN:
 backbone -> FPN -> RPN -> box head -> detections -> mask head.
 
-`MaskRCNN(config)` holds the weighted modules (names match `convert_weights`); `__call__` runs
-on a batch already resized and padded into the config's canvas (`transform.preprocess`). In
+`MaskRCNN(config)` holds the weighted modules (names match torchvision's, see
+`maskrcnn_jax.torchvision`); `__call__` runs on a batch already resized and padded into the
+config's canvas (`transform.preprocess`). In
 inference (default) it returns fixed-size, padded detections in resized-image pixels; with
 `train=True`, targets and a key it samples anchors and RoIs as torchvision's training forward and
 returns the raw head outputs with their targets (`losses.maskrcnn_losses` turns them into losses).
@@ -167,21 +168,8 @@ class MaskRCNN(nn.Module):
         return self.mask_logits(jnp.zeros((1, 1, *mask_pool_size(self.config), channels),
                                           fpn_features[0].dtype))
 
-    def __call__(
-        self,
-        images,
-        image_sizes,
-        padded_sizes,
-        targets: Optional[Dict[str, jnp.ndarray]] = None,
-        key: Optional[jax.Array] = None,
-        *,
-        train: bool = False,
-        mask_rois_per_image: Optional[int] = None,
-        mask_format: Optional[str] = None,
-        max_mask_sampling_grid: Optional[int] = None,
-        return_intermediates: bool = False,
-        mask_rois_per_batch: Optional[int] = None,
-    ):
+    def __call__(self, images, image_sizes, padded_sizes, targets=None, key=None,
+                 train: bool = False):
         """The network on canvas images: inference (default) or training outputs (`train=True`).
 
         Args:
@@ -190,47 +178,40 @@ class MaskRCNN(nn.Module):
           padded_sizes: `(B, 2)` int32 `image_sizes` rounded up to 32.
           targets: training only: dict with `boxes (B, G, 4)` float32 xyxy resized pixels,
             `labels (B, G)` int32 `1..K-1`, `valid (B, G)` bool, `masks` `(B, G, S, S)` crops on
-            the gt boxes or `(B, G, H, W)` canvas-sized full-resolution masks (0/1, any dtype).
+            the gt boxes or `(B, G, H, W)` canvas-sized full-resolution masks (0/1, any dtype;
+            which of the two: the config's `gt_mask_format`, see `is_cropped`).
           key: training only: PRNG key, the only randomness (anchor and RoI sampling).
-          train: static; True gives the training outputs (RPN in train top-n, sampled RoIs).
-          mask_rois_per_image: static, training: mask-head RoIs D per image; default
-            `int(box_batch_size_per_image * box_positive_fraction)`, every sampled positive.
-          mask_rois_per_batch: static, training: instead of D slots per image, the mask head
-            runs on this many RoIs for the whole batch, the positives of every image packed in
-            image order (all kept when they fit: torchvision's loss; beyond it, the last images'
-            positives are dropped). The outputs' mask entries then have shape `(1, M, ...)`.
-          mask_format: static, training: 'crops', 'full' or None (by shape, see `is_cropped`).
-          max_mask_sampling_grid: static, training: RoIAlign grid bound for full-resolution
-            masks (see `targets.mask_targets`).
-          return_intermediates: inference: also return every stage's output (for
-            `maskrcnn_jax.torchvision.compare`).
-
-        Returns:
-          Inference: dict with `boxes (B, D, 4)` float32 `(x1, y1, x2, y2)` in resized-image
-          pixels, `scores (B, D)`, `labels (B, D)` int32 (1-based), `valid (B, D)` bool and
-          `mask_probs (B, D, 28, 28)` float32 for the predicted class; D =
-          detections_per_img, padded entries zero.
-          Training: dict (the input of `losses.maskrcnn_losses`) with
-            `objectness (B, N)`, `rpn_deltas (B, N, 4)` over all anchors (levels concatenated),
-            `rpn_targets` (`targets.rpn_targets` stacked over the batch), `proposals (B, P, 4)`,
-            `proposal_valid (B, P)`, `class_logits (B, S, K)`, `box_regression (B, S, 4K)` of the
-            sampled RoIs, `roi_targets` (`targets.roi_targets` stacked), `mask_rois`
-            (`targets.positive_rois` stacked: boxes, labels, matched_idxs, valid `(B, D)`),
-            `mask_logits (B, D, M, M, K)` and `mask_targets (B, D, M, M)` float32.
+          train: static; True gives the training outputs (`training_outputs`), else the
+            detections (`detect`).
         """
-        cfg = self.config
+        if train:
+            return self.training_outputs(images, image_sizes, padded_sizes, targets, key)
+        return self.detect(images, image_sizes, padded_sizes)
+
+    def _rpn(self, images, padded_sizes, image_sizes, train: bool):
+        """FPN features, anchors `(B, N_l, 4)` per level with their validity, RPN outputs."""
         fpn_features = self.features(images, padded_sizes)
         feature_sizes = [f.shape[1:3] for f in fpn_features]
         anchors, anchor_valid = jax.vmap(
             lambda p: multilevel_anchors_for_image(feature_sizes, FPN_LEVELS, p))(padded_sizes)
         rpn = self.proposals(fpn_features, anchors, anchor_valid, image_sizes, train=train,
                              pixel_valid=canvas_valid(images.shape[1:3], padded_sizes))
-        if train:
-            return self._training_outputs(
-                images, image_sizes, padded_sizes, targets, key, fpn_features, anchors,
-                anchor_valid, rpn, mask_rois_per_image, mask_format, max_mask_sampling_grid,
-                mask_rois_per_batch)
+        return fpn_features, anchors, anchor_valid, rpn
 
+    def detect(self, images, image_sizes, padded_sizes, return_intermediates: bool = False):
+        """Inference (`__call__` with `train=False`).
+
+        `return_intermediates` (static): also every stage's output, under `intermediates` (for
+        `maskrcnn_jax.torchvision.compare`: `apply(..., method=MaskRCNN.detect)`).
+
+        Returns:
+          dict with `boxes (B, D, 4)` float32 `(x1, y1, x2, y2)` in resized-image pixels,
+          `scores (B, D)`, `labels (B, D)` int32 (1-based), `valid (B, D)` bool and
+          `mask_probs (B, D, 28, 28)` float32 for the predicted class; D =
+          detections_per_img, padded entries zero.
+        """
+        cfg = self.config
+        fpn_features, _, _, rpn = self._rpn(images, padded_sizes, image_sizes, train=False)
         box_features = self.pool(fpn_features, rpn["proposals"], padded_sizes, BOX_POOL_SIZE)
         class_logits, box_regression = self.box_outputs(box_features)
         detections = jax.vmap(
@@ -256,17 +237,39 @@ class MaskRCNN(nn.Module):
             }
         return detections
 
-    def _training_outputs(self, images, image_sizes, padded_sizes, targets, key, fpn_features,
-                          anchors, anchor_valid, rpn, mask_rois_per_image, mask_format,
-                          max_mask_sampling_grid, mask_rois_per_batch=None):
-        """torchvision's training forward after the RPN head: targets, sampling, heads."""
+    def training_outputs(self, images, image_sizes, padded_sizes, targets, key):
+        """torchvision's training forward (`__call__` with `train=True`): RPN in its train
+        top-n, anchor and RoI sampling with their targets, box and mask heads on the samples.
+
+        The mask head's static budget comes from the config: `mask_rois_per_image` D slots per
+        image (None: `int(box_batch_size_per_image * box_positive_fraction)`, every sampled
+        positive; fewer drop the positives beyond D), or with `mask_rois_per_batch` M slots for
+        the whole batch, the positives of every image packed in image order (all kept when they
+        fit: torchvision's loss; beyond it, the last images' positives are dropped); the mask
+        entries of the outputs then have shape `(1, M, ...)`. `max_mask_sampling_grid` bounds
+        the RoIAlign grid of full-resolution gt masks (see `targets.mask_targets`).
+
+        Returns:
+          dict (the input of `losses.maskrcnn_losses`) with `objectness (B, N)`,
+          `rpn_deltas (B, N, 4)` over all anchors (levels concatenated), `rpn_targets`
+          (`targets.rpn_targets` stacked over the batch), `proposals (B, P, 4)`,
+          `proposal_valid (B, P)`, `class_logits (B, S, K)`, `box_regression (B, S, 4K)` of
+          the sampled RoIs, `roi_targets` (`targets.roi_targets` stacked), `mask_rois`
+          (`targets.positive_rois` stacked: boxes, labels, matched_idxs, valid `(B, D)`),
+          `mask_logits (B, D, M, M, K)` and `mask_targets (B, D, M, M)` float32.
+        """
         cfg = self.config
         if targets is None or key is None:
             raise ValueError("MaskRCNN(train=True) needs targets and a PRNG key")
+        fpn_features, anchors, anchor_valid, rpn = self._rpn(images, padded_sizes, image_sizes,
+                                                             train=True)
+        mask_rois_per_image = cfg.get("mask_rois_per_image")
+        mask_rois_per_batch = cfg.get("mask_rois_per_batch")
+        max_mask_sampling_grid = cfg.get("max_mask_sampling_grid")
         num_mask_rois = mask_rois_per_image
         if num_mask_rois is None or mask_rois_per_batch is not None:
             num_mask_rois = int(cfg.box_batch_size_per_image * cfg.box_positive_fraction)
-        cropped = is_cropped(targets["masks"], images.shape[1:3], mask_format)
+        cropped = is_cropped(targets["masks"], images.shape[1:3], cfg.get("gt_mask_format"))
         num_images = images.shape[0]
         rpn_keys = jax.random.split(jax.random.fold_in(key, 0), num_images)
         roi_keys = jax.random.split(jax.random.fold_in(key, 1), num_images)

@@ -152,10 +152,10 @@ def torchvision_maskrcnn(config):
 
 def torchvision_coco_metrics(model, source, max_images=None, ground_truth=None):
     """COCO bbox and segm metrics of a torchvision detector on a data source, computed as
-    torchvision's reference `coco_eval.py` does, independently of `maskrcnn_jax.inference.evaluation.evaluate`
-    (no maskrcnn_jax pipeline, resize or model): each record's decoded uint8 image is scaled to
+    torchvision's reference `coco_eval.py` does, independently of
+    `maskrcnn_jax.inference.evaluation.evaluate` (no maskrcnn_jax pipeline, resize or model): each record's decoded uint8 image is scaled to
     [0, 1] and run alone through `model` (eval mode), its outputs go through
-    `evaluation.detections_to_coco` and pycocotools.
+    `coco_results.detections_to_coco` and pycocotools.
 
     Args:
       model: a torchvision Mask R-CNN in eval mode.
@@ -169,9 +169,9 @@ def torchvision_coco_metrics(model, source, max_images=None, ground_truth=None):
     import numpy as np
 
     from maskrcnn_jax.data import builders
-    from maskrcnn_jax.inference import evaluation
+    from maskrcnn_jax.inference import coco_results
 
-    mapping = evaluation.label_to_category_map(builders.categories(source))
+    mapping = coco_results.label_to_category_map(builders.categories(source))
     n = len(source) if max_images is None else min(int(max_images), len(source))
     results, image_ids = [], []
     for index in range(n):
@@ -181,14 +181,14 @@ def torchvision_coco_metrics(model, source, max_images=None, ground_truth=None):
         with torch.no_grad():
             out = model([tensor])[0]
         image_ids.append(int(record["image_id"]))
-        results += evaluation.detections_to_coco(
+        results += coco_results.detections_to_coco(
             image_ids[-1], out["boxes"].numpy(), out["scores"].numpy(), out["labels"].numpy(),
             out["masks"].numpy(), mapping)
     if ground_truth is None:
         ground_truth = builders.coco_ground_truth(source)
     metrics = {}
-    for iou_type in evaluation.IOU_TYPES:
-        stats = evaluation.coco_evaluate(ground_truth, results, iou_type, image_ids=image_ids,
+    for iou_type in coco_results.IOU_TYPES:
+        stats = coco_results.coco_evaluate(ground_truth, results, iou_type, image_ids=image_ids,
                                          verbose=False)
         metrics.update({f"{iou_type}/{k}": v for k, v in stats.items()})
     return metrics, results

@@ -69,7 +69,8 @@ def jax_stages(predictor, image, proposals=None):
 
     def stages(images, image_sizes, padded_sizes, given):
         out = MaskRCNN(predictor.config).apply(
-            variables, images, image_sizes, padded_sizes, return_intermediates=True)
+            variables, images, image_sizes, padded_sizes, return_intermediates=True,
+            method=MaskRCNN.detect)
         inter = out.pop("intermediates")
 
         def head_on(m):

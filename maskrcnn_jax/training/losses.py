@@ -17,19 +17,11 @@ losses normalise over the whole batch as torchvision does:
 Padded / invalid entries enter every sum with weight 0 (never as NaN: see `_masked_sum`).
 """
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 import jax
 import jax.numpy as jnp
 
-from maskrcnn_jax.models.maskrcnn import MaskRCNN, frozen
-
-# Config values `compute_losses` lets a caller override (they only shape targets and sampling).
-SAMPLING_KEYS = (
-    "rpn_batch_size_per_image", "rpn_positive_fraction", "rpn_fg_iou_thresh", "rpn_bg_iou_thresh",
-    "box_batch_size_per_image", "box_positive_fraction", "box_fg_iou_thresh", "box_bg_iou_thresh",
-    "bbox_reg_weights",
-)
 LOSS_NAMES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask")
 
 
@@ -126,7 +118,7 @@ def maskrcnn_losses(outputs: Dict[str, Any]) -> Tuple[jnp.ndarray, Dict[str, jnp
     Args:
       outputs: the training-outputs dict (`objectness`, `rpn_deltas`, `rpn_targets`,
         `class_logits`, `box_regression`, `roi_targets`, `mask_logits`, `mask_rois`,
-        `mask_targets`; see `MaskRCNN.__call__`).
+        `mask_targets`; see `MaskRCNN.training_outputs`).
 
     Returns:
       (total_loss, {name: loss}) with the names of `LOSS_NAMES`, float32 scalars; total_loss is
@@ -146,56 +138,29 @@ def maskrcnn_losses(outputs: Dict[str, Any]) -> Tuple[jnp.ndarray, Dict[str, jnp
     return total, losses
 
 
-def compute_losses(
-    model,
-    variables,
-    batch: Dict[str, jnp.ndarray],
-    key: jax.Array,
-    *,
-    mask_rois_per_image: Optional[int] = None,
-    mask_format: Optional[str] = None,
-    max_mask_sampling_grid: Optional[int] = None,
-    mask_rois_per_batch: Optional[int] = None,
-    **overrides,
-) -> Tuple[jnp.ndarray, Dict[str, jnp.ndarray]]:
+def compute_losses(model, variables, batch: Dict[str, jnp.ndarray],
+                   key: jax.Array) -> Tuple[jnp.ndarray, Dict[str, jnp.ndarray]]:
     """Mask R-CNN training losses of a batch (torchvision's training forward), jit/grad-able.
 
     Args:
-      model: a `maskrcnn_jax.models.maskrcnn.MaskRCNN` (its `config` gives the sampling settings:
-        `rpn_batch_size_per_image`, `rpn_positive_fraction`, `rpn_fg_iou_thresh`,
+      model: a `maskrcnn_jax.models.maskrcnn.MaskRCNN`; its `config` gives the sampling
+        settings (`rpn_batch_size_per_image`, `rpn_positive_fraction`, `rpn_fg_iou_thresh`,
         `rpn_bg_iou_thresh`, `box_batch_size_per_image`, `box_positive_fraction`,
-        `box_fg_iou_thresh`, `box_bg_iou_thresh`, `bbox_reg_weights`, `mask_size`, and the RPN's
-        train top-n).
+        `box_fg_iou_thresh`, `box_bg_iou_thresh`, `bbox_reg_weights`, `mask_size`, the RPN's
+        train top-n) and the mask head's static budget and gt mask format
+        (`MaskRCNN.training_outputs`).
       variables: `{'params': ..., 'batch_stats': ...}`; differentiate w.r.t. `['params']`.
       batch: dict with `images (B, H, W, 3)` float32 canvas, `image_sizes`, `padded_sizes`
         `(B, 2)` int32, `boxes (B, G, 4)` float32 xyxy resized pixels, `labels (B, G)` int32
         `1..K-1`, `valid (B, G)` bool, `masks` `(B, G, S, S)` crops on the gt boxes or
         `(B, G, H, W)` canvas-sized full-resolution masks (any numeric dtype, 0/1).
       key: PRNG key; the only randomness (anchor and RoI sampling).
-      mask_rois_per_image: static number D of mask-head RoIs per image; default
-        `int(box_batch_size_per_image * box_positive_fraction)`, the most positives the sampler
-        can return (exact). Smaller values drop positives beyond D (cheaper, not torchvision).
-      mask_rois_per_batch: static batch-wide number of mask-head RoIs instead (the positives of
-        every image packed; see `MaskRCNN.__call__`): exact while the batch's positives fit.
-      mask_format: 'crops', 'full' or None (by shape: masks the canvas size are full-res).
-      max_mask_sampling_grid: RoIAlign grid bound for full-resolution masks (see
-        `targets.mask_targets`); the exact default `ceil(max(H, W) / 28)` gathers a lot on large
-        canvases, where the pipeline's crops are the practical format.
-      **overrides: values of `SAMPLING_KEYS` to use instead of `model.config`'s (the RPN's
-        top-n and NMS settings stay the model's: they are part of its forward pass).
 
     Returns:
       (total_loss, {name: loss}) with the five torchvision loss names, float32 scalars;
       total_loss is their sum.
     """
-    unknown = set(overrides) - set(SAMPLING_KEYS)
-    if unknown:
-        raise TypeError(f"compute_losses() can override only {SAMPLING_KEYS}, got {sorted(unknown)}")
-    if overrides:  # the same module with the merged config (the same parameters)
-        model = MaskRCNN(frozen({**dict(model.config), **overrides}))
     targets = {name: batch[name] for name in ("boxes", "labels", "valid", "masks")}
-    outputs = model.apply(
-        variables, batch["images"], batch["image_sizes"], batch["padded_sizes"], targets, key,
-        train=True, mask_rois_per_image=mask_rois_per_image, mask_format=mask_format,
-        max_mask_sampling_grid=max_mask_sampling_grid, mask_rois_per_batch=mask_rois_per_batch)
+    outputs = model.apply(variables, batch["images"], batch["image_sizes"],
+                          batch["padded_sizes"], targets, key, train=True)
     return maskrcnn_losses(outputs)

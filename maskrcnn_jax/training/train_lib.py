@@ -1,13 +1,14 @@
-"""Training building blocks: optimizer and schedule, train state, device mesh, the jitted train
-step and metric writing. `train.py` wires them (and `maskrcnn_jax.checkpoints`) into a loop.
+"""Training building blocks: optimizer and schedule, train state, the jitted train step and
+metric writing. `train.py` wires them (and `maskrcnn_jax.checkpoints`) into a loop.
 
-Data parallel on a 1-D mesh `('data',)` over all devices: every batch is sharded on its leading
-axis, parameters and optimizer state are replicated, and XLA inserts the gradient all-reduce.
-The losses normalise over the whole global batch (torchvision's per-batch normalisation), so the
-result does not depend on the number of devices beyond float summation order. The same code runs
-with one process or many (one per host): `shard_batch` assembles each process's slice into
-global arrays, and a stop request (SIGTERM) of any process enters the step as a sharded flag
-whose OR comes back in the replicated metrics, so every process stops after the same step.
+Data parallel on the `('data',)` mesh of `maskrcnn_jax.runtime` over all devices: every batch is
+split on its leading axis, parameters and optimizer state are replicated, and XLA inserts the
+gradient all-reduce. The losses normalise over the whole global batch (torchvision's per-batch
+normalisation), so the result does not depend on the number of devices beyond float summation
+order. The same code runs with one process or many (one per host): `shard_batch` assembles each
+process's slice into global arrays, and a stop request (SIGTERM) of any process enters the step
+as a sharded flag whose OR comes back in the replicated metrics, so every process stops after
+the same step.
 """
 
 import functools
@@ -20,8 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
+from maskrcnn_jax import runtime
 from maskrcnn_jax.models.maskrcnn import MaskRCNN
 from maskrcnn_jax.training.losses import compute_losses
 
@@ -186,8 +188,7 @@ def stop_frozen_gradients(params, labels):
 
 
 def train_step(model: MaskRCNN, tx, state: TrainState, batch: Dict[str, jnp.ndarray],
-               mask_rois_per_image: Optional[int] = None, frozen_labels=None,
-               mask_rois_per_batch: Optional[int] = None):
+               frozen_labels=None):
     """One optimizer step: (new state, metrics dict of the total `loss`, each loss term and
     the gradient's global norm), float32 scalars.
 
@@ -200,9 +201,7 @@ def train_step(model: MaskRCNN, tx, state: TrainState, batch: Dict[str, jnp.ndar
     def loss_fn(params):
         params = stop_frozen_gradients(params, frozen_labels)
         variables = {"params": params, "batch_stats": state.batch_stats}
-        return compute_losses(model, variables, batch, key, mask_format="crops",
-                              mask_rois_per_image=mask_rois_per_image,
-                              mask_rois_per_batch=mask_rois_per_batch)
+        return compute_losses(model, variables, batch, key)
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -213,26 +212,13 @@ def train_step(model: MaskRCNN, tx, state: TrainState, batch: Dict[str, jnp.ndar
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def make_mesh() -> Mesh:
-    """A 1-D data-parallel mesh over every device of every process."""
-    return Mesh(np.asarray(jax.devices()), ("data",))
-
-
-def make_train_step(model: MaskRCNN, tx, mesh: Mesh, mask_rois_per_image=None,
-                    frozen_labels=None, mask_rois_per_batch=None):
-    """`train_step` jitted for `mesh`: batch sharded on 'data', state replicated. The state
+def make_train_step(model: MaskRCNN, tx, mesh: Mesh, frozen_labels=None):
+    """`train_step` jitted for `mesh`: batch split on 'data', state replicated. The state
     argument is donated (updated in place)."""
-    replicated = NamedSharding(mesh, PartitionSpec())
-    data = NamedSharding(mesh, PartitionSpec("data"))
-    step = functools.partial(train_step, model, tx, mask_rois_per_image=mask_rois_per_image,
-                             frozen_labels=frozen_labels, mask_rois_per_batch=mask_rois_per_batch)
-    return jax.jit(step, in_shardings=(replicated, data), out_shardings=(replicated, replicated),
+    step = functools.partial(train_step, model, tx, frozen_labels=frozen_labels)
+    return jax.jit(step, in_shardings=(runtime.replicated(mesh), runtime.split(mesh)),
+                   out_shardings=(runtime.replicated(mesh), runtime.replicated(mesh)),
                    donate_argnums=0)
-
-
-def replicate(tree, mesh: Mesh):
-    """Put host or device arrays on every device of the mesh."""
-    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
 
 
 def check_batch_size(global_batch_size: int):
@@ -254,13 +240,10 @@ def shard_batch(batch: Dict[str, np.ndarray], mesh: Mesh,
     value per local device: `train_step` reduces it over all devices into its metrics, so every
     process learns after the same step that one of them must stop.
     """
-    sharding = NamedSharding(mesh, PartitionSpec("data"))
-    arrays = {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
-              for k in TRAIN_FIELDS}
+    arrays = {k: runtime.shard(batch[k], mesh) for k in TRAIN_FIELDS}
     if stop_requested is not None:
-        local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
-        arrays[STOP_FIELD] = jax.make_array_from_process_local_data(
-            sharding, np.full((local_devices,), bool(stop_requested)))
+        arrays[STOP_FIELD] = runtime.shard(
+            np.full((runtime.local_device_count(mesh),), bool(stop_requested)), mesh)
     return arrays
 
 

@@ -29,7 +29,7 @@ import eval as eval_cli
 from maskrcnn_jax.checkpoints import save_converted
 from maskrcnn_jax.config import model_config
 from maskrcnn_jax.data import builders, shapes
-from maskrcnn_jax.inference import evaluation
+from maskrcnn_jax.inference import coco_results, evaluation
 from maskrcnn_jax.testing.torch_models import (
     make_confident,
     randomize_frozen_bn_and_biases,
@@ -155,16 +155,16 @@ def dataset(torch_model, tmp_path_factory):
 def reference(dataset):
     """torchvision's detections through `detections_to_coco` and pycocotools."""
     source = dataset["source"]
-    mapping = evaluation.label_to_category_map(builders.categories(source))
+    mapping = coco_results.label_to_category_map(builders.categories(source))
     results = []
     for image_id, out in dataset["outputs"].items():
-        results += evaluation.detections_to_coco(
+        results += coco_results.detections_to_coco(
             image_id, out["boxes"].numpy(), out["scores"].numpy(), out["labels"].numpy(),
             out["masks"].numpy(), mapping)
     gt = builders.coco_ground_truth(source)
     metrics = {}
-    for iou_type in evaluation.IOU_TYPES:
-        stats = evaluation.coco_evaluate(gt, results, iou_type, verbose=False)
+    for iou_type in coco_results.IOU_TYPES:
+        stats = coco_results.coco_evaluate(gt, results, iou_type, verbose=False)
         metrics.update({f"{iou_type}/{k}": v for k, v in stats.items()})
     return metrics, results
 
@@ -192,7 +192,7 @@ def test_ap_matches_torchvision(reference, evaluated):
     for iou_type in ("bbox", "segm"):
         assert 0.2 <= ref[f"{iou_type}/AP"] <= 0.8, ref  # measured: bbox 0.364, segm 0.262
         assert ref[f"{iou_type}/AP50"] - ref[f"{iou_type}/AP"] >= 0.1, ref
-    assert set(ours) == {f"{t}/{n}" for t in ("bbox", "segm") for n in evaluation.STAT_NAMES}
+    assert set(ours) == {f"{t}/{n}" for t in ("bbox", "segm") for n in coco_results.STAT_NAMES}
     for iou_type in ("bbox", "segm"):
         for name in ("AP", "AP50", "AP75", "APs", "APm", "AR1", "AR100"):
             key = f"{iou_type}/{name}"
@@ -204,8 +204,9 @@ def test_canvas_buckets_compile_once_each_and_keep_torchvisions_ap(converted, da
     """Without a canvas_size, evaluation runs each image in the smallest canvas bucket that
     holds it: one compiled function per bucket used, none when run again on other images,
     and the AP is still torchvision's (which ran every image alone)."""
+    from maskrcnn_jax import runtime
     from maskrcnn_jax.data import pipeline
-    from maskrcnn_jax.models.maskrcnn import frozen
+    from maskrcnn_jax.inference.runner import compiled_detector
 
     config, variables = converted
     bucketed = model_config(**{**config.to_dict(), "canvas_size": None, "canvas_buckets": None})
@@ -216,7 +217,7 @@ def test_canvas_buckets_compile_once_each_and_keep_torchvisions_ap(converted, da
                                                     (160, 128): 13}
     ours = evaluation.evaluate(bucketed, variables, dataset["source"], batch_size=BATCH_SIZE,
                                progress=False)
-    forward = evaluation.inference_fn(frozen(bucketed), evaluation.eval_mesh())
+    forward = compiled_detector(bucketed, runtime.data_mesh())
     assert forward._cache_size() == 3
     evaluation.evaluate(bucketed, variables, dataset["source"], batch_size=BATCH_SIZE,
                         progress=False, max_images=5)
@@ -271,7 +272,7 @@ def test_detections_to_coco_round_trip():
     scores = rng.uniform(0, 1, n).astype(np.float32)
     labels = np.array([1, 2, 3, 4, 2])
     mapping = {1: 3, 2: 7, 3: 18, 4: 25}
-    results = evaluation.detections_to_coco(42, boxes, scores, labels, probs, mapping)
+    results = coco_results.detections_to_coco(42, boxes, scores, labels, probs, mapping)
     assert len(results) == n
     json.dumps(results)  # JSON-ready
     for i, r in enumerate(results):
@@ -286,9 +287,9 @@ def test_detections_to_coco_round_trip():
     assert results[0]["segmentation"]["counts"] == mask_utils.encode(
         np.zeros((h, w), np.uint8, order="F"))["counts"].decode()
     # (N, H, W) masks and no masks at all.
-    same = evaluation.detections_to_coco(42, boxes, scores, labels, probs[:, 0], mapping)
+    same = coco_results.detections_to_coco(42, boxes, scores, labels, probs[:, 0], mapping)
     assert same == results
-    boxes_only = evaluation.detections_to_coco(42, boxes, scores, labels, None, mapping)
+    boxes_only = coco_results.detections_to_coco(42, boxes, scores, labels, None, mapping)
     assert all("segmentation" not in r for r in boxes_only)
 
 
@@ -310,8 +311,8 @@ def test_pasted_mask_rles_equal_encoding_the_pasted_masks():
         probs = rng.random((n, 6, 6)).astype(np.float32)
         if trial % 3 == 0:
             probs = np.ones_like(probs)
-        expected = evaluation.encode_masks(paste_masks(probs, boxes, (height, width)) > 0.5)
-        got = evaluation.pasted_mask_rles(probs, boxes, (height, width))
+        expected = coco_results.encode_masks(paste_masks(probs, boxes, (height, width)) > 0.5)
+        got = coco_results.pasted_mask_rles(probs, boxes, (height, width))
         assert [(list(r["size"]), r["counts"]) for r in got] == \
             [(list(r["size"]), r["counts"]) for r in expected], trial
         checked += sum(mask_utils.area(r) > 0 for r in expected)
@@ -319,18 +320,18 @@ def test_pasted_mask_rles_equal_encoding_the_pasted_masks():
 
 
 def test_label_mapping(dataset):
-    mapping = evaluation.label_to_category_map(builders.categories(dataset["source"]))
+    mapping = coco_results.label_to_category_map(builders.categories(dataset["source"]))
     assert mapping == {1: 3, 2: 7, 3: 18, 4: 25}
     with pytest.raises(KeyError, match="label 5"):
-        evaluation.detections_to_coco(1, np.zeros((1, 4)), [0.5], [5], None, mapping)
+        coco_results.detections_to_coco(1, np.zeros((1, 4)), [0.5], [5], None, mapping)
 
 
 def test_empty_detections(dataset):
-    assert evaluation.detections_to_coco(1, np.zeros((0, 4)), [], [], np.zeros((0, 1, 8, 8)),
+    assert coco_results.detections_to_coco(1, np.zeros((0, 4)), [], [], np.zeros((0, 1, 8, 8)),
                                          {1: 1}) == []
     gt = builders.coco_ground_truth(dataset["source"])
-    for iou_type in evaluation.IOU_TYPES:
-        stats = evaluation.coco_evaluate(gt, [], iou_type, verbose=False)
+    for iou_type in coco_results.IOU_TYPES:
+        stats = coco_results.coco_evaluate(gt, [], iou_type, verbose=False)
         assert stats["AP"] == 0.0 and stats["AP50"] == 0.0 and stats["AR100"] == 0.0
         assert stats["APl"] in (0.0, -1.0)
 
@@ -341,18 +342,18 @@ def test_faster_coco_eval_equals_pycocotools(dataset, reference):
     expected, results = reference
     gt = builders.coco_ground_truth(dataset["source"])
     fast = {}
-    for iou_type in evaluation.IOU_TYPES:
-        stats = evaluation.coco_evaluate(gt, results, iou_type, verbose=False,
+    for iou_type in coco_results.IOU_TYPES:
+        stats = coco_results.coco_evaluate(gt, results, iou_type, verbose=False,
                                          backend="faster_coco_eval")
         fast.update({f"{iou_type}/{k}": v for k, v in stats.items()})
     assert sorted(fast) == sorted(expected) and len(fast) == 24
     assert fast == pytest.approx(expected, abs=1e-12, rel=0)
     # Not vacuous: equal stats on other results would differ (the check can fail).
-    worse = evaluation.coco_evaluate(gt, results[::2], "segm", verbose=False,
+    worse = coco_results.coco_evaluate(gt, results[::2], "segm", verbose=False,
                                      backend="faster_coco_eval")
     assert worse["AP"] != expected["segm/AP"]
     with pytest.raises(ValueError, match="backend 'cocoapi'"):
-        evaluation.coco_evaluate(gt, results, "bbox", backend="cocoapi")
+        coco_results.coco_evaluate(gt, results, "bbox", backend="cocoapi")
 
 
 def test_segm_uses_mask_areas(dataset):
@@ -362,7 +363,7 @@ def test_segm_uses_mask_areas(dataset):
                and a["area"] < 32 ** 2 < a["bbox"][2] * a["bbox"][3])
     result = {"image_id": ann["image_id"], "category_id": ann["category_id"], "score": 0.9,
               "bbox": ann["bbox"], "segmentation": ann["segmentation"]}
-    stats = evaluation.coco_evaluate(gt, [result], "segm", image_ids=[ann["image_id"]],
+    stats = coco_results.coco_evaluate(gt, [result], "segm", image_ids=[ann["image_id"]],
                                      verbose=False)
     assert stats["ARs"] > 0
 

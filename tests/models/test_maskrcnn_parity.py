@@ -45,10 +45,11 @@ def jax_stages(arch_models):
     import jax
 
     from maskrcnn_jax.data.transform import preprocess
-    from maskrcnn_jax.models.maskrcnn import canvas_valid
+    from maskrcnn_jax.models.maskrcnn import MaskRCNN, canvas_valid
 
     _, predictor, images = arch_models
-    apply = jax.jit(lambda v, *a: predictor.model.apply(v, *a, return_intermediates=True))
+    apply = jax.jit(lambda v, *a: predictor.model.apply(v, *a, return_intermediates=True,
+                                                           method=MaskRCNN.detect))
     bodies = jax.jit(lambda v, x, p: predictor.model.apply(
         v, x, p, method=lambda m, x, p: m.backbone(x, canvas_valid(x.shape[1:3], p))))
     outs = []

@@ -123,7 +123,8 @@ def grads(request):
     """Both sides' gradients for torchvision's v1 or v2 architecture (v2: its norms frozen on
     both sides, `loss_parity.torch_v2_model`): float64 for both, float32 for v1."""
     setup = loss_parity.build(request.param)
-    model = MaskRCNN(frozen(setup["config"]))
+    model = MaskRCNN(frozen({**setup["config"].to_dict(),
+                             "mask_rois_per_image": loss_parity.MASK_ROIS}))
     variables, batch = setup["variables"], setup["jax_batch"]
     float32 = request.param in FLOAT32_ARCHITECTURES
 
@@ -132,8 +133,7 @@ def grads(request):
         b = dict(batch, images=np.asarray(batch["images"], dtype))
 
         def loss(params):
-            return compute_losses(model, {**v, "params": params}, b, jax.random.PRNGKey(0),
-                                  mask_rois_per_image=loss_parity.MASK_ROIS)
+            return compute_losses(model, {**v, "params": params}, b, jax.random.PRNGKey(0))
 
         g, losses = jax.jit(jax.grad(loss, has_aux=True))(v["params"])
         return v["params"], jax.block_until_ready(g), {k: float(x) for k, x in losses.items()}

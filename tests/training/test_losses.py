@@ -67,8 +67,8 @@ def parity():
     num_positive = [int((lb > 0).sum()) for lb in captured["labels"]]
     num_sampled = [len(lb) for lb in captured["labels"]]
 
-    model = MaskRCNN(frozen(config))
-    loss_fn = jax.jit(lambda v, b, k: compute_losses(model, v, b, k, mask_rois_per_image=MASK_ROIS))
+    model = MaskRCNN(frozen({**config.to_dict(), "mask_rois_per_image": MASK_ROIS}))
+    loss_fn = jax.jit(lambda v, b, k: compute_losses(model, v, b, k))
     total, jax_losses = loss_fn(variables, jax_batch, jax.random.PRNGKey(0))
     return dict(torch=torch_losses, jax={k: float(v) for k, v in jax_losses.items()},
                 total=float(total), num_positive=num_positive, num_sampled=num_sampled,
@@ -103,22 +103,23 @@ def test_batch_wide_mask_budget_matches_torchvision():
     setup = loss_parity.build()
     with torch.no_grad():
         reference = float(loss_parity.torch_losses(setup)["loss_mask"])
-    model = MaskRCNN(frozen(setup["config"]))
+
+    def model(budget):
+        return MaskRCNN(frozen({**setup["config"].to_dict(), "mask_rois_per_batch": budget}))
+
     positives = None
     results = {}
     for budget in ("exact", "one short"):
         if positives is None:  # count them with a generous budget first
-            outputs = jax.jit(lambda v, b, k: model.apply(
+            outputs = jax.jit(lambda v, b, k: model(2 * MASK_ROIS).apply(
                 v, b["images"], b["image_sizes"], b["padded_sizes"],
-                {n: b[n] for n in ("boxes", "labels", "valid", "masks")}, k, train=True,
-                mask_rois_per_batch=2 * MASK_ROIS))(setup["variables"], setup["jax_batch"],
-                                                    jax.random.PRNGKey(0))
+                {n: b[n] for n in ("boxes", "labels", "valid", "masks")}, k, train=True))(
+                    setup["variables"], setup["jax_batch"], jax.random.PRNGKey(0))
             positives = int(outputs["mask_rois"]["valid"].sum())
             assert outputs["mask_logits"].shape[:2] == (1, 2 * MASK_ROIS)
         size = positives if budget == "exact" else positives - 1
-        _, losses = jax.jit(lambda v, b, k, n=size: compute_losses(
-            model, v, b, k, mask_rois_per_batch=n))(setup["variables"], setup["jax_batch"],
-                                                     jax.random.PRNGKey(0))
+        _, losses = jax.jit(lambda v, b, k, n=size: compute_losses(model(n), v, b, k))(
+            setup["variables"], setup["jax_batch"], jax.random.PRNGKey(0))
         results[budget] = float(losses["loss_mask"])
     print(f"positives {positives}; loss_mask torchvision {reference:.7f}, packed exact "
           f"{results['exact']:.7f}, one short {results['one short']:.7f}")
@@ -152,7 +153,8 @@ def tiny():
     config = model_config(
         backbone="tiny", num_classes=3, min_size=64, max_size=96, canvas_size=TINY_CANVAS,
         rpn_pre_nms_top_n_train=200, rpn_post_nms_top_n_train=100,
-        rpn_batch_size_per_image=64, box_batch_size_per_image=64)
+        rpn_batch_size_per_image=64, box_batch_size_per_image=64,
+        mask_rois_per_image=TINY_MASK_ROIS)
     model = MaskRCNN(frozen(config))
     images = np.random.default_rng(0).normal(size=(2, *TINY_CANVAS, 3)).astype(np.float32)
     for b, (h, w) in enumerate(TINY_PADDED):
@@ -177,8 +179,7 @@ def tiny():
                  masks=np.asarray(crops))
 
     def loss(params, batch, key):
-        return compute_losses(model, {**variables, "params": params}, batch, key,
-                              mask_rois_per_image=TINY_MASK_ROIS)
+        return compute_losses(model, {**variables, "params": params}, batch, key)
 
     grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
     return dict(variables=variables, batch=batch, grad_fn=grad_fn)

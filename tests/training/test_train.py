@@ -32,6 +32,8 @@ import pytest
 import train
 from configs import shapes as shapes_config
 from configs import tiny
+from maskrcnn_jax import runtime
+from maskrcnn_jax.models.maskrcnn import MaskRCNN, frozen
 from maskrcnn_jax.training import train_lib
 from maskrcnn_jax.training.losses import LOSS_NAMES
 
@@ -329,8 +331,10 @@ def test_canvas_buckets_compile_one_train_step_each(data_dir, tmp_path):
     assert len(set(canvases)) >= 2, canvases
     train.train_and_evaluate(config, str(tmp_path / "run"))
     assert len(_metrics(str(tmp_path / "run"))) == 3
-    step_fn = list(train._TRAIN_STEPS.values())[-1]  # this config's (the newest entry)
-    assert step_fn._cache_size() == len(set(canvases))
+    model = MaskRCNN(frozen(train.training_model_config(config)))
+    shapes = jax.eval_shape(lambda: train_lib.init_variables(model, jax.random.PRNGKey(0)))
+    step_fn = train.compiled_train_step(config, runtime.data_mesh(), shapes["params"])
+    assert step_fn._cache_size() == len(set(canvases))  # the run's own step (cached)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -343,8 +347,8 @@ _ONE_STEP = textwrap.dedent("""
     import jax
     sys.path.insert(0, {repo!r})
     import train
+    from maskrcnn_jax import runtime
     from maskrcnn_jax.training import train_lib
-    from maskrcnn_jax.config import model_config
     from maskrcnn_jax.models.maskrcnn import MaskRCNN, frozen
     from tests.training.test_train import tiny_config
 
@@ -357,19 +361,18 @@ _ONE_STEP = textwrap.dedent("""
             raise SystemExit("no error for a batch not divisible by the device count")
         except ValueError as e:
             assert "divisible" in str(e)
-    model = MaskRCNN(frozen(model_config(**config.model.to_dict())))
+    model = MaskRCNN(frozen(train.training_model_config(config)))
     key = jax.random.PRNGKey(0)
     shapes = jax.eval_shape(lambda: train_lib.init_variables(model, key))["params"]
-    # The step exactly as train.py builds it (the same program: a compilation cache hit).
     stages = config.frozen_backbone_stages
     tx, _ = train_lib.create_optimizer(config.optimizer, shapes, 8, stages)
-    mesh = train_lib.make_mesh()
-    state = train_lib.replicate(train_lib.create_train_state(model, tx, key), mesh)
+    mesh = runtime.data_mesh()
+    state = runtime.replicate(train_lib.create_train_state(model, tx, key), mesh)
     before = jax.device_get(state.params)
     batch = train_lib.shard_batch(dict(np.load({batch_path!r})), mesh, stop_requested=False)
     assert len(batch["images"].addressable_shards) == expected
-    step = train._train_step(config, model, tx, mesh,
-                             train_lib.frozen_param_labels(shapes, stages) if stages else None)
+    # The step exactly as train.py builds it (the same program: a compilation cache hit).
+    step = train.compiled_train_step(config, mesh, shapes)
     state, metrics = step(state, batch)
     after = jax.device_get(state.params)
     updates = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), after, before)
