@@ -4,7 +4,7 @@
     python convert.py maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth --out=DIR --frozen_bn_eps=0.0
     python convert.py MODEL.pth --out=DIR --compare=a.jpg,b.jpg   # + a stage-by-stage report
 
-DIR gets `config.json` and Orbax `variables/` (read back by `maskrcnn_jax.checkpoints.load_checkpoint`,
+DIR gets `config.json` and Orbax `variables/` (read back by `maskrcnn_jax.checkpoints.load_weights`,
 `predict.py`, `eval.py`). The architecture (backbone depth, class count, FPN and head widths) is
 read from the state dict; the other flags take torchvision's keyword names and defaults (values
 as JSON: --canvas_size=[800,1344]). The written checkpoint is loaded back and checked against
@@ -57,7 +57,7 @@ def convert_file(path, out, frozen_bn_eps=STATIC_DEFAULTS["frozen_bn_eps"], comp
     state_dict = load_state_dict(path)
     config, variables = from_torchvision(state_dict, frozen_bn_eps=frozen_bn_eps, **overrides)
     checkpoints.save_converted(out, config, variables)
-    config, variables, _ = checkpoints.load_checkpoint(out)
+    config, variables, _ = checkpoints.load_weights(out)
     check_variables(config, variables, where=f"{out}: the written variables")
     num_values = sum(int(np.size(v)) for v in checkpoints.flatten_by_path(variables).values())
     print(f"wrote {out}: {config.backbone}, {config.num_classes} classes, {num_values:,} values")

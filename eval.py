@@ -79,10 +79,10 @@ def main(argv=None) -> int:
         raise SystemExit(f"eval.py: --checkpoint {checkpoint}: no such directory")
     cli.start_runtime(FLAGS, "eval.py")
 
-    from maskrcnn_jax.checkpoints import load_checkpoint
+    from maskrcnn_jax.checkpoints import load_weights
     from maskrcnn_jax.inference.evaluation import evaluate
 
-    config, variables, train_config = load_checkpoint(checkpoint)
+    config, variables, train_config = load_weights(checkpoint)
     source = load_source(train_config, FLAGS.data, FLAGS.data_dir, FLAGS.split,
                          FLAGS.manual_dir, FLAGS.data_config)
     metrics = evaluate(config, variables, source, batch_size=FLAGS.batch_size,

@@ -81,7 +81,7 @@ def predict_files(images, checkpoint, out, score_threshold=0.5, class_names_file
     import jax
     from PIL import Image
 
-    from maskrcnn_jax.checkpoints import load_checkpoint
+    from maskrcnn_jax.checkpoints import load_weights
     from maskrcnn_jax.data.images import read_rgb
     from maskrcnn_jax.data.pipeline import shard_bounds
     from maskrcnn_jax.inference.coco_results import detections_to_coco
@@ -89,7 +89,7 @@ def predict_files(images, checkpoint, out, score_threshold=0.5, class_names_file
     from maskrcnn_jax.inference.predictor import Predictor
 
     check_paths(images, checkpoint, out)
-    config, variables, train_config = load_checkpoint(checkpoint)
+    config, variables, train_config = load_weights(checkpoint)
     class_names = None
     if train_config and train_config.get("data", {}).get("name") == "shapes":
         from maskrcnn_jax.data.shapes import CLASS_NAMES

@@ -53,13 +53,13 @@ def load_source(data_cfg, split: str):
 
 
 def load_backbone(path: str):
-    """Backbone variables from a torchvision ImageNet ResNet state dict (.pth; needs torch)."""
-    from maskrcnn_jax.torchvision.convert import (
-        backbone_from_torchvision_resnet,
-        load_state_dict,
-    )
-
-    return backbone_from_torchvision_resnet(load_state_dict(path))
+    """Backbone variables `{'params', 'batch_stats'}` from a torchvision ImageNet ResNet state
+    dict (.pth; needs torch)."""
+    weights = checkpoints.load_weights(path)
+    if weights.config is not None:
+        raise ValueError(f"init_backbone {path} holds a whole Mask R-CNN, not an ImageNet "
+                         "ResNet: start from it with init_from")
+    return {collection: tree["backbone"] for collection, tree in weights.variables.items()}
 
 
 class SigtermFlag:

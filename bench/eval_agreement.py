@@ -62,7 +62,7 @@ def main(argv=None):
     import jax
     import torch
 
-    from maskrcnn_jax.checkpoints import load_checkpoint
+    from maskrcnn_jax.checkpoints import load_weights
     from maskrcnn_jax.data import builders
     from maskrcnn_jax.inference.evaluation import evaluate
     from maskrcnn_jax.testing import import_torchvision
@@ -74,7 +74,7 @@ def main(argv=None):
 
     header(THREADS, torch, import_torchvision(), jax, "cpu")
 
-    config, variables, train_config = load_checkpoint(os.path.expanduser(args.checkpoint))
+    config, variables, train_config = load_weights(os.path.expanduser(args.checkpoint))
     source = _eval_cli().load_source(args, train_config)
     n = len(source) if args.max_images is None else min(args.max_images, len(source))
     print(f"{config.backbone}, min_size {config.min_size}, max_size {config.max_size}, "

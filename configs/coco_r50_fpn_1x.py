@@ -14,21 +14,18 @@ torchvision's references/detection `train.py` defaults for `maskrcnn_resnet50_fp
 
 import ml_collections
 
+from maskrcnn_jax.config import model_settings
+
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    # Keyword arguments of `maskrcnn_jax.config.model_config` (torchvision's names; unset ones
-    # take torchvision's defaults). No canvas_size: the canvas buckets of min_size / max_size
-    # (800x800, 800x1088, 1088x800, 800x1344, 1344x800); each global batch is of one bucket
-    # (aspect-ratio grouping), one compiled train step per bucket. Every sampled positive
-    # goes to the mask head (mask_rois_per_image None), as torchvision.
-    config.model = dict(
-        backbone="resnet50",
-        num_classes=91,
-        min_size=800,
-        max_size=1333,
-        compute_dtype="float32",
-    )
+    # Every keyword of `maskrcnn_jax.config.model_config` (torchvision's names and defaults).
+    # No canvas_size: the canvas buckets of min_size / max_size (800x800, 800x1088, 1088x800,
+    # 800x1344, 1344x800); each global batch is of one bucket (aspect-ratio grouping), one
+    # compiled train step per bucket. Every sampled positive goes to the mask head
+    # (mask_rois_per_image None), as torchvision.
+    config.model = model_settings(backbone="resnet50", num_classes=91, min_size=800,
+                                  max_size=1333)
 
     config.data = ml_collections.ConfigDict()
     config.data.name = "coco_instances"

@@ -5,7 +5,7 @@
     # 2. saved in torchvision's format, as a COCO user's weights come
     python -c "import torch; from maskrcnn_jax import checkpoints; \
       from maskrcnn_jax.torchvision.convert import to_torchvision; \
-      c, v, _ = checkpoints.load_checkpoint('/tmp/ft_pre'); \
+      c, v, _ = checkpoints.load_weights('/tmp/ft_pre'); \
       torch.save(to_torchvision(c, v), '/tmp/ft_pre.pth')"
     # 3. all four classes from those weights (`init_from` converts the .pth), or from scratch
     python train.py --config=configs/finetune_shapes.py:finetune --workdir=/tmp/ft \

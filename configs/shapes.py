@@ -12,11 +12,12 @@ on the command line, e.g. `--config.num_train_steps=100 --config.data.batch_size
 import ml_collections
 
 from configs import coco_r50_fpn_1x
+from maskrcnn_jax.config import model_settings
 
 
 def get_config() -> ml_collections.ConfigDict:
     config = coco_r50_fpn_1x.get_config()
-    config.model = dict(
+    config.model = model_settings(
         backbone="resnet18",
         num_classes=5,  # 4 shapes + background
         min_size=128,

@@ -2,18 +2,21 @@
 
 - A train.py workdir: `workdir/checkpoints/<step>/` (Orbax) with the train state, the data
   iterator's position and the run config (`checkpoint_manager`, `save_train_state`,
-  `restore_train_state`; `load_training_checkpoint` for inference).
+  `restore_train_state` to resume a run).
 - A converted checkpoint (`convert.py`, `save_converted`): `config.json` + Orbax `variables/`.
-- An exported model (`inference.export`): `inference.stablehlo`, `variables.npz` keyed by
-  parameter path (`params/backbone/conv1/kernel`), `config.json`.
+- An exported model (`inference.export`, `save_exported` / `read_exported`): the serialized
+  program `inference.stablehlo`, `variables.npz` keyed by parameter path
+  (`params/backbone/conv1/kernel`), `config.json`.
+- torchvision's state dicts (`.pth`, read with torch): a Mask R-CNN's, or an ImageNet ResNet's
+  (a backbone to start training from).
 
-`load_checkpoint(directory)` reads either of the first two for inference.
+`load_weights(path)` reads the weights of any of them (inference, evaluation, fine-tuning).
 """
 
 import json
 import logging
 import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -140,28 +143,6 @@ def local_restore_target(directory: str, step: int):
                         getattr(metadata, "item_metadata", metadata))
 
 
-def load_training_checkpoint(directory):
-    """(model config, variables, training config dict) of the latest step in a train.py workdir
-    (or its `checkpoints/` folder)."""
-    from maskrcnn_jax.config import model_config
-
-    ocp = _ocp()
-    directory = os.path.abspath(directory)
-    if os.path.isdir(os.path.join(directory, "checkpoints")):
-        directory = os.path.join(directory, "checkpoints")
-    with ocp.CheckpointManager(directory) as manager:
-        step = manager.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"{directory}: no checkpoint steps found")
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(local_restore_target(directory, step)),
-            config=ocp.args.JsonRestore()))
-    state, train_config = restored["state"], dict(restored["config"])
-    variables = {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
-    print(f"restored step {step} from {directory}")
-    return model_config(**train_config["model"]), variables, train_config
-
-
 # ------------------------------------------------------------------------------------------------
 # Converted checkpoints
 # ------------------------------------------------------------------------------------------------
@@ -177,38 +158,6 @@ def save_converted(directory, config, variables):
         checkpointer.save(os.path.join(directory, VARIABLES_DIR), variables, force=True)
     with open(os.path.join(directory, CONFIG_JSON), "w") as f:
         json.dump(config.to_dict(), f, indent=2, sort_keys=True)
-
-
-def load_converted(directory):
-    """(config, variables) written by `save_converted`."""
-    from maskrcnn_jax.config import model_config
-
-    ocp = _ocp()
-    directory = os.path.abspath(directory)
-    config_path = os.path.join(directory, CONFIG_JSON)
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(
-            f"{config_path}: no config.json; is {directory} a converted checkpoint?")
-    with open(config_path) as f:
-        config = model_config(**json.load(f))
-    with ocp.StandardCheckpointer() as checkpointer:
-        variables = checkpointer.restore(os.path.join(directory, VARIABLES_DIR))
-    return config, variables
-
-
-def load_checkpoint(directory):
-    """(model config, variables, training config dict or None) of a converted checkpoint or a
-    train.py workdir (see the module docstring).
-
-    Raises:
-      FileNotFoundError: naming `directory` when it does not exist (nothing is created).
-    """
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"{directory}: no such checkpoint directory")
-    if os.path.exists(os.path.join(directory, CONFIG_JSON)):
-        config, variables = load_converted(directory)
-        return config, variables, None
-    return load_training_checkpoint(directory)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -251,8 +200,9 @@ def save_exported(directory, serialized: bytes, variables, config: dict):
         json.dump(config, f, indent=2, sort_keys=True)
 
 
-def load_exported(directory):
-    """(serialized bytes, variables nested dict, config dict) written by `save_exported`."""
+def read_exported(directory):
+    """(serialized program bytes, variables nested dict, config dict) written by
+    `save_exported`."""
     paths = [os.path.join(directory, name)
              for name in (EXPORTED_STABLEHLO, EXPORTED_VARIABLES, CONFIG_JSON)]
     for path in paths:
@@ -265,3 +215,108 @@ def load_exported(directory):
     with open(paths[2]) as f:
         config = json.load(f)
     return serialized, variables, config
+
+
+def _load_training_checkpoint(directory):
+    """(model config, variables, training config dict) of the latest step in a train.py workdir
+    (or its `checkpoints/` folder)."""
+    from maskrcnn_jax.config import model_config
+
+    ocp = _ocp()
+    directory = os.path.abspath(directory)
+    if os.path.isdir(os.path.join(directory, "checkpoints")):
+        directory = os.path.join(directory, "checkpoints")
+    with ocp.CheckpointManager(directory) as manager:
+        step = manager.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"{directory}: no checkpoint steps found")
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(local_restore_target(directory, step)),
+            config=ocp.args.JsonRestore()))
+    state, train_config = restored["state"], dict(restored["config"])
+    variables = {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
+    log.info("restored step %d from %s", step, directory)
+    return model_config(**train_config["model"]), variables, train_config
+
+
+def _load_converted(directory):
+    """(config, variables) written by `save_converted`."""
+    from maskrcnn_jax.config import model_config
+
+    ocp = _ocp()
+    directory = os.path.abspath(directory)
+    config_path = os.path.join(directory, CONFIG_JSON)
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(
+            f"{config_path}: no config.json; is {directory} a converted checkpoint?")
+    with open(config_path) as f:
+        config = model_config(**json.load(f))
+    with ocp.StandardCheckpointer() as checkpointer:
+        variables = checkpointer.restore(os.path.join(directory, VARIABLES_DIR))
+    return config, variables
+
+
+# ------------------------------------------------------------------------------------------------
+# Weights in any format
+# ------------------------------------------------------------------------------------------------
+
+
+class Weights(NamedTuple):
+    """What `load_weights` reads: the model config (None for a backbone alone), the variables
+    `{'params', 'batch_stats'}`, and a train.py workdir's run config (else None)."""
+
+    config: Optional[object]
+    variables: dict
+    train_config: Optional[dict]
+
+
+def load_weights(path, config=None) -> Weights:
+    """The weights at `path`, in any format (the module docstring):
+      * a converted checkpoint folder (`config.json` + `variables/`);
+      * a train.py workdir (or its `checkpoints/` folder): its latest step, with the run config;
+      * an exported model folder (`inference.stablehlo`): its variables and config;
+      * a torchvision state dict file (`.pth` / `.pt`; needs torch): a Mask R-CNN's, converted
+        (`from_torchvision`, with `config.frozen_bn_eps` when `config` is given), or an ImageNet
+        ResNet's: config None and the backbone's variables `{'params': {'backbone': ...},
+        'batch_stats': {'backbone': ...}}`.
+
+    Args:
+      path: a file or folder as above.
+      config: the model config the weights are for (used to convert a `.pth`); the caller
+        checks the variables against it (`models.maskrcnn.check_variables`, or
+        `finetune.adapt_variables` for another class count).
+
+    Raises:
+      FileNotFoundError: naming `path` when it does not exist or holds none of these formats
+        (nothing is created).
+    """
+    path = os.path.expanduser(str(path))
+    if os.path.isfile(path) and path.endswith((".pth", ".pt")):
+        return _load_state_dict_file(path, config)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint directory or .pth file")
+    if os.path.exists(os.path.join(path, EXPORTED_STABLEHLO)):
+        from maskrcnn_jax.config import model_config
+
+        _, variables, values = read_exported(path)
+        values = {k: v for k, v in values.items() if k != "export_batch_size"}
+        return Weights(model_config(**values), variables, None)
+    if os.path.exists(os.path.join(path, CONFIG_JSON)):
+        return Weights(*_load_converted(path), None)
+    return Weights(*_load_training_checkpoint(path))
+
+
+def _load_state_dict_file(path: str, config) -> Weights:
+    from maskrcnn_jax.config import STATIC_DEFAULTS
+    from maskrcnn_jax.torchvision.convert import (
+        backbone_from_torchvision_resnet,
+        from_torchvision,
+        load_state_dict,
+    )
+
+    state_dict = load_state_dict(path)
+    if not any(k.startswith("backbone.") for k in state_dict):  # an ImageNet classifier
+        backbone = backbone_from_torchvision_resnet(state_dict)
+        return Weights(None, {k: {"backbone": v} for k, v in backbone.items()}, None)
+    eps = STATIC_DEFAULTS["frozen_bn_eps"] if config is None else config.frozen_bn_eps
+    return Weights(*from_torchvision(state_dict, frozen_bn_eps=eps), None)

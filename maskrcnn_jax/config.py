@@ -130,6 +130,29 @@ def model_config(**kwargs) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(values)
 
 
+# Types of the keys whose default is None, so that a training config's `model` can hold them as
+# typed placeholders that the command line can set (`--config.model.canvas_size='(512, 512)'`).
+_NONE_DEFAULT_TYPES = {"canvas_size": tuple, "canvas_buckets": tuple, "mask_rois_per_image": int,
+                       "mask_rois_per_batch": int, "gt_mask_format": str,
+                       "max_mask_sampling_grid": int}
+
+
+def model_settings(**kwargs) -> ml_collections.ConfigDict:
+    """Every `model_config` keyword with its default, `kwargs` applied, as a training config's
+    `model` field (`configs/`): each can be overridden on the command line
+    (`--config.model.box_score_thresh=0.0`); keys whose value is None are typed placeholders.
+    `model_config(**settings.to_dict())` makes the model config of it.
+
+    Raises:
+      TypeError: for a keyword `model_config` does not know.
+    """
+    model_config(**kwargs)  # the same checks
+    values = {**TORCHVISION_DEFAULTS, **STATIC_DEFAULTS, **kwargs}
+    return ml_collections.ConfigDict({
+        k: ml_collections.config_dict.placeholder(_NONE_DEFAULT_TYPES[k]) if v is None else v
+        for k, v in values.items()})
+
+
 def default_canvas_buckets(min_size: int, max_size: int, size_divisible: int = 32):
     """Canvases that fit common photo shapes with little padding: square, 4:3 / 3:4 and the
     longest (16:9 / 9:16 and anything longer), each side `min_size` or `max_size` resized as

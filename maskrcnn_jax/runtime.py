@@ -14,9 +14,11 @@ before anything touches a device.
 """
 
 import collections
+import faulthandler
 import json
 import logging
 import os
+import signal
 import weakref
 from typing import Callable, Optional, Sequence
 
@@ -63,6 +65,9 @@ def initialize(auto: bool = False, coordinator_address: Optional[str] = None,
         initialization_timeout=int(timeout_s), heartbeat_timeout_seconds=int(timeout_s),
         shutdown_timeout_seconds=int(timeout_s))
     jax.distributed.initialize(coordinator_address, num_processes, process_id, **timeouts)
+    # A process stuck in a collective (e.g. waiting for a peer that died) prints its Python
+    # stack on SIGUSR1, so a hang on a pod can be located.
+    faulthandler.register(signal.SIGUSR1)
     return True
 
 

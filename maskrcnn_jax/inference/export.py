@@ -69,7 +69,7 @@ class ExportedPredictor:
     """Runs an exported model on uint8 `(H, W, 3)` images; returns `Predictor`-style dicts."""
 
     def __init__(self, directory):
-        serialized, variables, values = checkpoints.load_exported(directory)
+        serialized, variables, values = checkpoints.read_exported(directory)
         self.exported = jax.export.deserialize(bytearray(serialized))
         self.batch_size = int(values.pop("export_batch_size"))
         self.config = ml_collections.ConfigDict(values)

@@ -1,27 +1,32 @@
-"""Run a Python script as N JAX processes on this machine (tests and benchmarks).
+"""Run a command as N JAX processes on this machine (tests and benchmarks), and the README's
+multi-process commands.
 
-    logs = run_processes([sys.executable, "worker.py", ...], num_processes=2,
+    logs = run_processes(["{python}", "train.py", "--process_id={process_id}",
+                          "--coordinator_address=localhost:{port}", ...], num_processes=2,
                          devices_per_process=2, timeout=300, log_dir=tmp_path)
 
-Each process gets `--xla_force_host_platform_device_count=devices_per_process` CPU devices and,
-in its environment, the coordinator address, process count and index (`COORDINATOR_ENV`,
-`NUM_PROCESSES_ENV`, `PROCESS_ID_ENV`) for `initialize_from_env`, which starts
-`jax.distributed` with gloo collectives. Everything is bounded in time: when one process fails
-the others are killed at once (a survivor would wait in a collective for its peer), and when the
-deadline passes all are killed; either way `ProcessGroupError` carries every process's log tail.
+Each process gets `--xla_force_host_platform_device_count=devices_per_process` CPU devices; in
+its argv, `{process_id}`, `{port}` (a free port, the same for all) and `{python}` (this
+interpreter) are filled in. Everything is bounded in time: when one process fails the others
+are killed at once (a survivor would wait in a collective for its peer), and when the deadline
+passes all are killed; either way `ProcessGroupError` carries every process's log tail.
+
+`readme_command(script)` is a README launch (`for i in 0 1; do ... python SCRIPT ... & done`) as
+one process's argv, so tests run the command lines the README shows.
 """
 
-import faulthandler
+import glob
 import os
+import re
+import shlex
 import signal
 import socket
 import subprocess
+import sys
 import time
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
-COORDINATOR_ENV = "MASKRCNN_JAX_COORDINATOR"
-NUM_PROCESSES_ENV = "MASKRCNN_JAX_NUM_PROCESSES"
-PROCESS_ID_ENV = "MASKRCNN_JAX_PROCESS_ID"
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class ProcessGroupError(AssertionError):
@@ -35,28 +40,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def initialize_from_env(timeout_s: int = 60):
-    """In a process started by `run_processes`: `jax.distributed.initialize` with gloo CPU
-    collectives when it is one of several (a no-op for a single process). Call it before any
-    other JAX use. A peer that never shows up, or dies, fails this process within `timeout_s`
-    (initialisation, heartbeat, shutdown), never an unbounded wait."""
-    import jax
-
-    num_processes = int(os.environ.get(NUM_PROCESSES_ENV, "1"))
-    if num_processes == 1:
-        return
-    # Not jax_share_binary_between_hosts: on CPU a process then waited for a binary its peer
-    # never shared (it hung before the first collective).
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    # A process stuck somewhere prints its Python stack on SIGUSR1 (`run_processes` sends it
-    # before killing a group that failed or timed out).
-    faulthandler.register(signal.SIGUSR1)
-    jax.distributed.initialize(os.environ[COORDINATOR_ENV], num_processes,
-                               int(os.environ[PROCESS_ID_ENV]), initialization_timeout=timeout_s,
-                               heartbeat_timeout_seconds=timeout_s,
-                               shutdown_timeout_seconds=timeout_s)
-
-
 def _tail(path: str, chars: int = 4000) -> str:
     with open(path, errors="replace") as f:
         return f.read()[-chars:]
@@ -64,8 +47,12 @@ def _tail(path: str, chars: int = 4000) -> str:
 
 def run_processes(argv: Sequence[str], num_processes: int, devices_per_process: int,
                   timeout: float, log_dir: str, env: Optional[dict] = None,
-                  cwd: Optional[str] = None) -> list[str]:
+                  cwd: Optional[str] = REPO,
+                  on_poll: Optional[Callable[[list], None]] = None) -> list[str]:
     """Run `argv` as `num_processes` processes of one JAX run; their logs (stdout + stderr).
+
+    `on_poll(procs)`, if given, is called with the `subprocess.Popen`s about 5 times a second
+    while they run (e.g. to signal one of them when something happened).
 
     Raises:
       ProcessGroupError: a process exited with a non-zero status (the others are killed), or
@@ -77,13 +64,12 @@ def run_processes(argv: Sequence[str], num_processes: int, devices_per_process: 
     base = dict(os.environ if env is None else env)
     for index in range(num_processes):
         proc_env = dict(base, JAX_PLATFORMS="cpu",
-                        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
-                        **{COORDINATOR_ENV: f"localhost:{port}",
-                           NUM_PROCESSES_ENV: str(num_processes), PROCESS_ID_ENV: str(index)})
+                        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+        args = [a.format(process_id=index, port=port, python=sys.executable) for a in argv]
         log_path = os.path.join(log_dir, f"process{index}_{port}.log")
         logs.append(log_path)
         with open(log_path, "w") as log:  # a file, not a pipe: a full pipe would block it
-            procs.append(subprocess.Popen(list(argv), env=proc_env, cwd=cwd, stdout=log,
+            procs.append(subprocess.Popen(args, env=proc_env, cwd=cwd, stdout=log,
                                           stderr=subprocess.STDOUT))
     deadline = time.time() + timeout
     failure = None
@@ -100,10 +86,12 @@ def run_processes(argv: Sequence[str], num_processes: int, devices_per_process: 
                 failure = (f"processes {running} still running after {timeout:.0f} s (a hung "
                            "collective, or a peer waiting for one that failed?)")
             else:
+                if on_poll is not None:
+                    on_poll(procs)
                 time.sleep(0.2)
     finally:  # also when the caller is interrupted: never leave a process behind
         if any(p.poll() is None for p in procs):
-            for p in procs:  # where each one is stuck, into its log (`initialize_from_env`)
+            for p in procs:  # where each one is stuck, into its log (`runtime.initialize`)
                 if p.poll() is None:
                     p.send_signal(signal.SIGUSR1)
             time.sleep(1.0)
@@ -117,3 +105,32 @@ def run_processes(argv: Sequence[str], num_processes: int, devices_per_process: 
                           for i, (p, path) in enumerate(zip(procs, logs)))
         raise ProcessGroupError(f"{failure}\n{tails}")
     return [_tail(path, 10 ** 9) for path in logs]
+
+
+def readme_command(script: str, readme: str = os.path.join(REPO, "README.md"),
+                   replace: Optional[dict] = None) -> list[str]:
+    """The README's multi-process launch of `script` (a bash block's `for i in ...; do ...
+    python SCRIPT ... --process_id=$i & done`) as one process's argv for `run_processes`:
+    the interpreter `{python}`, `$i` -> `{process_id}`, the coordinator's port -> `{port}`,
+    each `replace` key (a path of the README, e.g. '/tmp/two') -> its value, and globs
+    expanded.
+
+    Raises:
+      LookupError: the README shows no such launch.
+    """
+    with open(readme) as f:
+        text = f.read()
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        joined = block.replace("\\\n", " ")
+        for line in joined.splitlines():
+            match = re.search(r"python (" + re.escape(script) + r" .*?) & done", line)
+            if match and "--process_id=$i" in match.group(1):
+                command = match.group(1).replace("$i", "{process_id}")
+                command = re.sub(r"(--coordinator_address=[\w.-]+:)\d+", r"\g<1>{port}", command)
+                args = shlex.split(command)
+                for old, new in (replace or {}).items():
+                    args = [a.replace(old, new) for a in args]
+                # Globs expand as the shell would.
+                args = [x for a in args for x in (sorted(glob.glob(a)) if "*" in a else [a])]
+                return ["{python}", *args]
+    raise LookupError(f"{readme} shows no multi-process launch of {script}")

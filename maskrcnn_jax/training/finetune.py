@@ -150,13 +150,10 @@ def load_pretrained(path: str, config, key=None) -> dict:
         `config.architecture` (naming both).
     """
     path = os.path.expanduser(path)
-    if os.path.isfile(path) and path.endswith((".pth", ".pt")):
-        from maskrcnn_jax.torchvision.convert import from_torchvision, load_state_dict
-
-        pretrained_config, pretrained = from_torchvision(
-            load_state_dict(path), frozen_bn_eps=config.frozen_bn_eps)
-    else:
-        pretrained_config, pretrained, _ = checkpoints.load_checkpoint(path)
+    pretrained_config, pretrained, _ = checkpoints.load_weights(path, config)
+    if pretrained_config is None:
+        raise ValueError(f"{path} holds a backbone (an ImageNet ResNet), not a whole Mask R-CNN: "
+                         "start from it with init_backbone")
     theirs = pretrained_config.get("architecture", "v1")
     ours = config.get("architecture", "v1")
     if theirs != ours:

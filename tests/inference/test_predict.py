@@ -113,7 +113,7 @@ def test_missing_checkpoint_is_an_error_that_creates_nothing(tmp_path):
     assert not missing.exists() and not (tmp_path / "out").exists()
     # The library loader refuses it too, instead of letting Orbax create the folder.
     with pytest.raises(FileNotFoundError, match="no such checkpoint directory"):
-        checkpoints.load_checkpoint(str(missing))
+        checkpoints.load_weights(str(missing))
     assert not missing.exists()
 
 

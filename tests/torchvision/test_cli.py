@@ -36,7 +36,7 @@ def test_convert_cli_round_trip(models, tmp_path, capsys):
     model, predictor, images = models
     out = _convert(model, tmp_path)
     assert "resnet50, 5 classes" in capsys.readouterr().out
-    config, variables = checkpoints.load_converted(out)
+    config, variables, _ = checkpoints.load_weights(out)
     assert config.to_dict() == predictor.config.to_dict()
     leaves = jax.tree_util.tree_leaves_with_path(variables)
     expected = dict(jax.tree_util.tree_leaves_with_path(jax.device_get(predictor.variables)))
@@ -107,7 +107,7 @@ def test_convert_cli_frozen_bn_eps(tmp_path, capsys):
     for flag, expected in ((["--frozen_bn_eps=0.0"], 0.0), ([], 1e-5)):
         out = tmp_path / f"converted{len(flag)}"
         assert convert.main([str(path), "--out", str(out), *_cli_args(small), *flag]) == 0
-        config, _ = checkpoints.load_converted(out)
+        config, _, _ = checkpoints.load_weights(out)
         assert config.frozen_bn_eps == expected
     capsys.readouterr()
     try:
@@ -134,7 +134,7 @@ def test_convert_cli_reads_the_architecture_from_the_state_dict(tmp_path, capsys
     out = tmp_path / "converted"
     assert convert.main([str(path), "--out", str(out), "--min_size=96", "--max_size=128"]) == 0
     assert "resnet18, 4 classes" in capsys.readouterr().out
-    config, variables = checkpoints.load_converted(out)
+    config, variables, _ = checkpoints.load_weights(out)
     for key, value in small.items():
         assert (list(config[key]) if key == "mask_head_layers" else config[key]) == value, key
     Predictor(config, variables)  # builds: config and weights agree

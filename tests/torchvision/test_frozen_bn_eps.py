@@ -180,7 +180,7 @@ def test_torchvision_maskrcnn_uses_config_eps():
 def test_save_load_keeps_frozen_bn_eps(tmp_path):
     config, variables = from_torchvision(_small_state_dict(0.0), frozen_bn_eps=0.0, **SMALL)
     checkpoints.save_converted(tmp_path / "eps0", config, variables)
-    loaded, _ = checkpoints.load_converted(tmp_path / "eps0")
+    loaded, _, _ = checkpoints.load_weights(tmp_path / "eps0")
     assert loaded.frozen_bn_eps == 0.0
     assert loaded.to_dict() == config.to_dict()
     # The model built from the loaded config uses it (setup runs on bind, without weights).
@@ -198,7 +198,7 @@ def test_config_without_frozen_bn_eps_loads_as_default(tmp_path):
     values = json.loads(path.read_text())
     del values["frozen_bn_eps"]
     path.write_text(json.dumps(values))
-    loaded, _ = checkpoints.load_converted(tmp_path / "old")
+    loaded, _, _ = checkpoints.load_weights(tmp_path / "old")
     assert loaded.frozen_bn_eps == 1e-5
     # A config dict that lacks the key (built by hand) still builds the model.
     legacy = config.to_dict()

@@ -143,7 +143,7 @@ def test_train_py_starts_from_init_from(pretrained, tmp_path):
     config.init_from = str(tmp_path / "pre")
     workdir = str(tmp_path / "run")
     train.train_and_evaluate(config, workdir)
-    _, trained, _ = checkpoints.load_checkpoint(workdir)
+    _, trained, _ = checkpoints.load_weights(workdir)
     before, after = _flat(variables), _flat(jax.tree.map(np.asarray, trained))
     labels = _flat(train_lib.frozen_param_labels(trained["params"], 2))
     frozen_paths = [p for p, v in labels.items() if str(v) == "frozen"]

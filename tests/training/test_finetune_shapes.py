@@ -39,7 +39,7 @@ def test_finetuned_beats_scratch(tmp_path, capsys):
     data_dir = str(tmp_path / "tfds")
     train.train_and_evaluate(_config("pretrain", data_dir, final_eval=False),
                              str(tmp_path / "pre"))
-    config, variables, _ = checkpoints.load_checkpoint(str(tmp_path / "pre"))
+    config, variables, _ = checkpoints.load_weights(str(tmp_path / "pre"))
     assert config.num_classes == finetune_shapes.PRETRAIN_CLASSES + 1
     state_dict = to_torchvision(config, variables)
     torchvision_maskrcnn(config).load_state_dict(state_dict, strict=True)
