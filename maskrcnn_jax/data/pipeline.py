@@ -22,7 +22,7 @@ of it, each position with its own random draws (flip, scale). So the global batc
 (and its augmentation) is the same with 1 process or N, no position is read by two processes,
 and a run resumes from the number of records consumed alone (`start_record`), also with another
 process count. Evaluation: `PaddedShard` gives every process an equal-length contiguous shard
-(of each canvas bucket's records, `bucket_positions`).
+(of each canvas bucket's records, `record_buckets.bucket_positions`).
 """
 
 import logging
@@ -34,8 +34,9 @@ import grain
 import numpy as np
 from absl import flags
 
-from maskrcnn_jax.config import bucket_for, canvases
+from maskrcnn_jax.canvas import canvases
 from maskrcnn_jax.data import coco, transform
+from maskrcnn_jax.data.record_buckets import bucket_positions, record_canvas
 from maskrcnn_jax.ops.interpolate import nearest_indices
 
 BATCH_FIELDS = {
@@ -192,8 +193,9 @@ def prepare_example(record: dict, config, *, min_size: int, flip: bool, max_inst
 
 class _Prepare(grain.transforms.RandomMap):
     """grain step: draws the flip and scale jitter from grain's per-record generator; with
-    `bucketed`, pads each image into its canvas bucket (`record_canvas` at the largest
-    `min_sizes`, so that every scale of the jitter fits), else into `config.canvas_size`."""
+    `bucketed`, pads each image into its canvas bucket (`record_buckets.record_canvas` at the
+    largest `min_sizes`, so that every scale of the jitter fits), else into
+    `config.canvas_size`."""
 
     def __init__(self, config, train: bool, min_sizes: Sequence[int], flip_probability: float,
                  max_instances: int, mask_crop_size: int, bucketed: bool = False):
@@ -407,7 +409,7 @@ class PaddedShard:
     `positions`, default every record in order), padded to `ceil(len(positions) / P)` records by
     repeating record `positions[0]` marked `PADDING_KEY` (its example has batch_valid=False), so
     every process reads the same number of batches. With the positions of one canvas bucket
-    (`bucket_positions`) the padding fits that canvas too."""
+    (`record_buckets.bucket_positions`) the padding fits that canvas too."""
 
     def __init__(self, source, process_index: int, process_count: int,
                  positions: Optional[Sequence[int]] = None):
@@ -432,44 +434,6 @@ class PaddedShard:
 
     def __repr__(self):
         return f"PaddedShard({self.source!r}, [{self.start}, {self.end}), length={self.length})"
-
-
-def record_canvas(height: int, width: int, config, min_size: int, position=None):
-    """The smallest canvas of `config.canvas_buckets` that holds a `height x width` image
-    resized at `min_size` (and `config.max_size`), padded to `size_divisible`.
-
-    Raises:
-      ValueError: naming the record (`position`) and its size, when no canvas holds it or a
-        side resizes to 0 pixels.
-    """
-    buckets = canvases(config)
-    out, pad = transform.padded_size_of(height, width, config, min_size)
-    canvas = bucket_for(pad, buckets) if min(out) >= 1 else None
-    if canvas is None:
-        name = "a record" if position is None else f"record {position}"
-        raise ValueError(f"{name}: size {height}x{width} resizes to {out[0]}x{out[1]} (padded "
-                         f"{pad[0]}x{pad[1]}), which fits none of the canvases {buckets}")
-    return canvas
-
-
-def bucket_positions(sizes, config, min_size: Optional[int] = None) -> dict:
-    """`{canvas: record positions}`: each record in its canvas (`record_canvas`) resized at
-    `min_size` (default: the last of `config.min_size`, evaluation's); canvases in the config's
-    order, positions in split order, canvases that hold no record left out.
-
-    Args:
-      sizes: `(N, 2)` `(height, width)` of the records (`builders.image_ids_and_sizes`).
-
-    Raises:
-      ValueError: naming the record's position and size, for one that fits no canvas or
-        resizes to 0 pixels.
-    """
-    if min_size is None:
-        min_size = config.min_size if np.ndim(config.min_size) == 0 else config.min_size[-1]
-    members: dict = {b: [] for b in canvases(config)}
-    for position, (h, w) in enumerate(np.asarray(sizes).reshape(-1, 2)):
-        members[record_canvas(h, w, config, min_size, position)].append(position)
-    return {b: np.asarray(m, np.int64) for b, m in members.items() if m}
 
 
 def _stack_padded(batch_size: int):

@@ -11,7 +11,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from maskrcnn_jax.config import bucket_for, canvases
+from maskrcnn_jax.canvas import bucket_for, canvases
 
 
 class Batch(NamedTuple):

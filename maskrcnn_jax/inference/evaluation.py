@@ -325,7 +325,7 @@ def evaluate(model_config, variables, source, *, batch_size: int = 8,
     import grain
     from tqdm import tqdm
 
-    from maskrcnn_jax.data import builders, pipeline
+    from maskrcnn_jax.data import builders, pipeline, record_buckets
 
     if batch_size < 1:
         raise ValueError(f"batch_size (images per device) must be >= 1, got {batch_size}")
@@ -345,7 +345,7 @@ def evaluate(model_config, variables, source, *, batch_size: int = 8,
     # Every process plans the same buckets from the records' sizes (no image decoded), then
     # reads its share of each bucket: the same batches per bucket on every process.
     split_ids, sizes = builders.image_ids_and_sizes(source, num_images)
-    buckets = pipeline.bucket_positions(sizes, config)
+    buckets = record_buckets.bucket_positions(sizes, config)
     shards = {canvas: pipeline.PaddedShard(data, jax.process_index(), jax.process_count(),
                                            positions)
               for canvas, positions in buckets.items()}

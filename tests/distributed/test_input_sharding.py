@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from maskrcnn_jax.config import model_config
-from maskrcnn_jax.data import builders, pipeline
+from maskrcnn_jax.data import builders, pipeline, record_buckets
 
 CONFIG = model_config(num_classes=4, min_size=64, max_size=96)
 KWARGS = dict(train=True, seed=3, max_instances=6, mask_crop_size=14, min_sizes=(48, 64))
@@ -60,7 +60,7 @@ def test_batches_grouped_by_canvas_bucket(source):
     canvases = []
     for batch in (b[0] for b in _batches(source, 1, 5)):
         canvas = batch["images"].shape[1:3]
-        assert all(pipeline.record_canvas(h, w, CONFIG, 64) == canvas
+        assert all(record_buckets.record_canvas(h, w, CONFIG, 64) == canvas
                    for h, w in batch["original_sizes"])
         canvases.append(canvas)
     assert len(set(canvases)) >= 2
