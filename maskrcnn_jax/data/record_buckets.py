@@ -3,7 +3,7 @@
 Planned from the records' `(height, width)` alone (`builders.image_ids_and_sizes`, no image
 decoded), so every process plans the same buckets. Training groups each global batch by bucket
 (`pipeline.make_dataset`, one compiled train step per bucket); evaluation runs one loader per
-bucket, each sharded over the processes (`pipeline.PaddedShard`).
+bucket, each sharded over the processes (`eval_shards.PaddedShard`).
 """
 
 from typing import Optional

@@ -18,9 +18,9 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from maskrcnn_jax.config import model_config
 from maskrcnn_jax.data import builders, coco, pipeline
+from maskrcnn_jax.data.mask_crops import crop_resized_masks
 from maskrcnn_jax.data.transform import resized_size
 from maskrcnn_jax.ops import mask_targets
-from maskrcnn_jax.ops.interpolate import nearest_indices
 from maskrcnn_jax.testing.coco_folder import write_coco_folder
 from maskrcnn_jax.testing.references import numpy_roi_align
 
@@ -36,25 +36,6 @@ def roi_align_loop(mask, box, size):
     return out[0, :, :, 0]
 
 
-def test_crop_matches_kernel_loop():
-    rng = np.random.default_rng(0)
-    h0, w0, h, w = 23, 31, 40, 50
-    masks = (rng.random((6, h0, w0)) < 0.4).astype(np.uint8)
-    xy = rng.uniform(-4, [45, 35], (6, 2))
-    wh = rng.uniform(0.2, 30, (6, 2))
-    boxes = np.concatenate([xy, xy + wh], 1).astype(np.float32)
-    boxes[0] = [0, 0, w, h]  # whole image: samples in the last row/column clamp
-    boxes[1] = [10.3, 5.2, 10.5, 5.3]  # under a pixel: clamped to 1 px
-    rows, cols = nearest_indices(h0, h), nearest_indices(w0, w)
-    for flip in (False, True):
-        col_map = w0 - 1 - cols if flip else cols
-        ours = pipeline.crop_resized_masks(masks, rows, col_map, boxes, 28)
-        for n in range(len(masks)):
-            resized = masks[n][np.ix_(rows, col_map)].astype(np.float64)
-            np.testing.assert_allclose(ours[n], roi_align_loop(resized, boxes[n], 28),
-                                       rtol=0, atol=1e-6)
-
-
 def test_crop_agrees_with_ops_crop_masks_to_boxes():
     """The host twin vs the jnp `crop_masks_to_boxes` (what the brief asks to be the same
     arithmetic). That function deviates from the kernel's float32 sample positions by up to
@@ -65,7 +46,7 @@ def test_crop_agrees_with_ops_crop_masks_to_boxes():
     boxes = np.concatenate([xy, xy + rng.uniform(1, 20, (5, 2))], 1).astype(np.float32)
     theirs = np.asarray(jax.jit(mask_targets.crop_masks_to_boxes, static_argnums=(2, 3))(
         masks, boxes, 112, 4))
-    ours = pipeline.crop_resized_masks(masks, np.arange(60), np.arange(70), boxes, 112)
+    ours = crop_resized_masks(masks, np.arange(60), np.arange(70), boxes, 112)
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4)
 
 
