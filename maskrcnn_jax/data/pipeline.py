@@ -30,7 +30,7 @@ import numpy as np
 from absl import flags
 
 from maskrcnn_jax.canvas import canvases
-from maskrcnn_jax.data import coco, transform
+from maskrcnn_jax.data import coco_rle, transform
 from maskrcnn_jax.data.eval_shards import PADDING_KEY
 from maskrcnn_jax.data.mask_crops import crop_resized_masks
 from maskrcnn_jax.data.record_buckets import bucket_positions, record_canvas
@@ -109,7 +109,7 @@ def prepare_example(record: dict, config, *, min_size: int, flip: bool, max_inst
     if flip:
         col_map = w0 - 1 - col_map
     rles = [record["mask_rles"][i] for i in index]
-    masks = crop_resized_masks(coco.decode_masks(rles, h0, w0), row_map, col_map, boxes,
+    masks = crop_resized_masks(coco_rle.decode_masks(rles, h0, w0), row_map, col_map, boxes,
                                mask_crop_size)
     n, g = len(index), max_instances
     pad = lambda a, dtype: np.concatenate(  # noqa: E731

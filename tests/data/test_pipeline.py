@@ -17,7 +17,7 @@ from pycocotools import mask as mask_utils
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from maskrcnn_jax.config import model_config
-from maskrcnn_jax.data import builders, coco, pipeline
+from maskrcnn_jax.data import builders, coco_rle, pipeline
 from maskrcnn_jax.data.transform import resized_size
 from maskrcnn_jax.testing.coco_folder import write_coco_folder
 from maskrcnn_jax.testing.references import numpy_roi_align
@@ -49,7 +49,7 @@ def _torchvision_reference(record, min_size, flip):
     target_boxes = np.clip(record["boxes"], 0, [w0, h0, w0, h0]).astype(np.float32)
     keep = ~record["is_crowd"]
     boxes = torch.from_numpy(target_boxes[keep]).reshape(-1, 4)
-    masks = torch.from_numpy(coco.decode_masks(record["mask_rles"], h0, w0)[keep])
+    masks = torch.from_numpy(coco_rle.decode_masks(record["mask_rles"], h0, w0)[keep])
     if flip:
         image, masks = image.flip(-1), masks.flip(-1)
         boxes[:, [0, 2]] = w0 - boxes[:, [2, 0]]
