@@ -83,7 +83,7 @@ def predict_files(images, checkpoint, out, score_threshold=0.5, class_names_file
 
     from maskrcnn_jax.checkpoints import load_weights
     from maskrcnn_jax.data.images import read_rgb
-    from maskrcnn_jax.data.pipeline import shard_bounds
+    from maskrcnn_jax.data.eval_shards import shard_bounds
     from maskrcnn_jax.inference.coco_results import detections_to_coco
     from maskrcnn_jax.inference.draw import draw_detections
     from maskrcnn_jax.inference.predictor import Predictor

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from maskrcnn_jax import checkpoints, cli, runtime
 from maskrcnn_jax.config import model_config
-from maskrcnn_jax.data import builders, pipeline
+from maskrcnn_jax.data import builders, pipeline, samplers
 from maskrcnn_jax.models.maskrcnn import MaskRCNN, frozen
 from maskrcnn_jax.training import train_lib
 
@@ -188,7 +188,7 @@ def train_and_evaluate(config, workdir: str, step_hook=None) -> dict:
     start_record = 0
     if restored is not None:
         state, data_state, _ = restored
-        start_record = pipeline.records_consumed(data_state, int(state.step), global_batch)
+        start_record = samplers.records_consumed(data_state, int(state.step), global_batch)
     step = int(state.step)
     data_iter, start_step = iter(make_loader(start_record)), step
     if restored is not None:
@@ -199,7 +199,7 @@ def train_and_evaluate(config, workdir: str, step_hook=None) -> dict:
 
     def save(at_step):
         consumed = start_record + (at_step - start_step) * global_batch
-        checkpoints.save_train_state(manager, at_step, state, pipeline.position_state(consumed),
+        checkpoints.save_train_state(manager, at_step, state, samplers.position_state(consumed),
                                      config)
 
     window, window_start, window_steps = {}, time.time(), 0

@@ -54,7 +54,8 @@ from timing import (  # noqa: E402
     torch_sync,
 )
 
-from maskrcnn_jax.config import bucket_for, model_config  # noqa: E402
+from maskrcnn_jax.canvas import bucket_for  # noqa: E402
+from maskrcnn_jax.config import model_config  # noqa: E402
 from maskrcnn_jax.data.transform import padded_size, resized_size  # noqa: E402
 from maskrcnn_jax.inference.predictor import Predictor  # noqa: E402
 from maskrcnn_jax.testing import import_torchvision  # noqa: E402

@@ -60,7 +60,8 @@ def main():
     import jax
 
     from maskrcnn_jax import checkpoints
-    from maskrcnn_jax.config import bucket_for, model_config
+    from maskrcnn_jax.canvas import bucket_for
+    from maskrcnn_jax.config import model_config
     from maskrcnn_jax.models.maskrcnn import MaskRCNN, frozen
     from maskrcnn_jax.training.train_lib import init_variables
 

@@ -6,10 +6,11 @@ torchvision does not need (`canvas_size`, `box_pre_nms_top_n`, ...). The result 
 `ml_collections.ConfigDict` that is stored with checkpoints.
 """
 
-import math
 from typing import Any
 
 import ml_collections
+
+from maskrcnn_jax.canvas import default_canvas_buckets, default_canvas_size
 
 # torchvision's defaults (models/detection/faster_rcnn.py, mask_rcnn.py, rpn.py).
 TORCHVISION_DEFAULTS: dict[str, Any] = dict(
@@ -119,8 +120,8 @@ def model_config(**kwargs) -> ml_collections.ConfigDict:
             default_canvas_buckets(values["min_size"], values["max_size"],
                                    values["size_divisible"]))
     if values["canvas_size"] is None:
-        side = _round_up(max(values["min_size"], values["max_size"]), values["size_divisible"])
-        values["canvas_size"] = (side, side)
+        values["canvas_size"] = default_canvas_size(values["min_size"], values["max_size"],
+                                                    values["size_divisible"])
     values["canvas_size"] = tuple(int(v) for v in values["canvas_size"])
     values["canvas_buckets"] = tuple(sorted(
         {tuple(int(v) for v in b) for b in values["canvas_buckets"]}, key=lambda b: (b[0] * b[1], b)))
@@ -151,33 +152,3 @@ def model_settings(**kwargs) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({
         k: ml_collections.config_dict.placeholder(_NONE_DEFAULT_TYPES[k]) if v is None else v
         for k, v in values.items()})
-
-
-def default_canvas_buckets(min_size: int, max_size: int, size_divisible: int = 32):
-    """Canvases that fit common photo shapes with little padding: square, 4:3 / 3:4 and the
-    longest (16:9 / 9:16 and anything longer), each side `min_size` or `max_size` resized as
-    torchvision does and rounded up to `size_divisible`. Every resized image fits the last two.
-    """
-    short = _round_up(min(min_size, max_size), size_divisible)
-    long = _round_up(max(min_size, max_size), size_divisible)
-    four_three = min(_round_up(min(min_size, max_size) * 4 / 3, size_divisible), long)
-    return ((short, short), (short, four_three), (four_three, short), (short, long), (long, short))
-
-
-def canvases(config) -> list:
-    """The canvas buckets of a model config as `(height, width)` tuples (`canvas_size` alone
-    for configs saved before buckets existed)."""
-    return [tuple(int(v) for v in b) for b in (config.get("canvas_buckets") or
-                                               [config.canvas_size])]
-
-
-def bucket_for(padded_size, buckets):
-    """The smallest canvas of `buckets` (sorted by area) that holds `(height, width)`, or None."""
-    for canvas in buckets:
-        if padded_size[0] <= canvas[0] and padded_size[1] <= canvas[1]:
-            return tuple(canvas)
-    return None
-
-
-def _round_up(value: float, multiple: int) -> int:
-    return int(math.ceil(float(value) / multiple) * multiple)

@@ -7,10 +7,11 @@ PIL on read; only encoding a NumPy image would need TF). The category table
 `[{'id', 'name', 'label'}]` is stored in the builder's metadata (`metadata.json` next to the
 data) so evaluation can map contiguous labels back to category ids and names.
 
-`coco_instances` is tolerant by default: defective images / annotations (`coco.DEFECT_KINDS`)
-are skipped, and the build logs a summary per split (counts per kind, the first ids of each)
-that is also stored in the metadata: `info.metadata['defects'][split]`, see `defects(source)`.
-`strict=True` (`load`, `builder`) raises `coco.CocoFormatError` at the first defect instead.
+`coco_instances` is tolerant by default: defective images / annotations
+(`coco_defects.DEFECT_KINDS`) are skipped, and the build logs a summary per split (counts per
+kind, the first ids of each) that is also stored in the metadata:
+`info.metadata['defects'][split]`, see `defects(source)`. `strict=True` (`load`, `builder`)
+raises `coco_defects.CocoFormatError` at the first defect instead.
 
 Records: see `coco.RECORD_FIELDS`. Entry points: `load(...)`, `categories(source)`,
 `defects(source)`, `coco_ground_truth(source)`.
@@ -27,7 +28,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from maskrcnn_jax.data import coco, shapes
+from maskrcnn_jax.data import coco, coco_defects, shapes
 
 # TFDS derives a builder's code path through `importlib_resources` (not installed) for classes in
 # packages; both builders live here and have no checksums or metadata files beside them.
@@ -66,8 +67,8 @@ class CocoInstances(tfds.core.GeneratorBasedBuilder):
         "each annotation file in <split>/ (e.g. annotations/instances_val2017.json, val2017/).")
 
     def __init__(self, *, strict: bool = False, **kwargs):
-        """`strict`: building raises `coco.CocoFormatError` at the first defect instead of
-        skipping and counting it (it does not change a data set built already)."""
+        """`strict`: building raises `coco_defects.CocoFormatError` at the first defect instead
+        of skipping and counting it (it does not change a data set built already)."""
         self.strict = bool(strict)
         super().__init__(**kwargs)
         self._original_state["strict"] = self.strict  # pickling re-runs __init__ with these
@@ -88,12 +89,13 @@ class CocoInstances(tfds.core.GeneratorBasedBuilder):
                 for name, (ann, images) in splits.items()}
 
     def _generate_examples(self, split, annotation_file, image_dir, categories):
-        log = coco.DefectLog(strict=self.strict)
+        log = coco_defects.DefectLog(strict=self.strict)
         yield from coco.coco_records(annotation_file, image_dir, categories, log)
         # Filled when the split's generator is exhausted, before TFDS writes metadata.json.
         summary = log.summary()
         self.info.metadata["defects"][split] = summary
-        text = coco.format_defect_summary(f"{self.name}/{split} ({annotation_file})", summary)
+        text = coco_defects.format_defect_summary(f"{self.name}/{split} ({annotation_file})",
+                                                  summary)
         (logging.warning if summary["kinds"] else logging.info)("%s", text)
 
 
@@ -155,7 +157,7 @@ def builder(name: str, data_dir: str,
     """The builder `name` ('coco_instances' or 'shapes') over `data_dir` (not built yet).
 
     `strict` (coco_instances; shapes has no defects to find): building raises
-    `coco.CocoFormatError` at the first defect instead of skipping it.
+    `coco_defects.CocoFormatError` at the first defect instead of skipping it.
     """
     if name not in BUILDERS:
         raise ValueError(f"unknown data set {name!r}; known: {sorted(BUILDERS)}")
@@ -175,9 +177,9 @@ def load(name: str, data_dir: str, split: str, manual_dir: Optional[str] = None,
       split: e.g. 'train', 'validation' (TFDS slicing such as 'train[:10]' works).
       manual_dir: the COCO folder (coco_instances only).
       config: a builder config (e.g. `shapes_config(num_train=100)`) or its name.
-      strict: coco_instances: building raises `coco.CocoFormatError` at the first defect
-        (naming the file, the image / annotation id and the field) instead of skipping defective
-        images / annotations; a data set built earlier with defects raises too.
+      strict: coco_instances: building raises `coco_defects.CocoFormatError` at the first
+        defect (naming the file, the image / annotation id and the field) instead of skipping
+        defective images / annotations; a data set built earlier with defects raises too.
 
     Returns:
       A TFDS `ArrayRecordDataSource`: `len()`, `source[i]` -> record dict (image decoded to a
@@ -199,10 +201,10 @@ def load(name: str, data_dir: str, split: str, manual_dir: Optional[str] = None,
     elif strict and name == "coco_instances":
         found = {s: d for s, d in (b.info.metadata.get("defects") or {}).items() if d["kinds"]}
         if found:
-            raise coco.CocoFormatError(
+            raise coco_defects.CocoFormatError(
                 f"{b.data_dir}: built earlier (tolerant) with defects; delete it to rebuild "
-                "strictly:\n" + "\n".join(coco.format_defect_summary(s, d)
-                                           for s, d in found.items()))
+                "strictly:\n" + "\n".join(coco_defects.format_defect_summary(s, d)
+                                          for s, d in found.items()))
     return b.as_data_source(split=split)
 
 
@@ -219,8 +221,8 @@ def _exclusive(lock_path: str):
 
 
 def defects(source) -> dict:
-    """`{split: summary}` of a coco_instances data source (`coco.DefectLog.summary()`: kept /
-    total images and annotations, `kinds: {kind: {'count', 'ids'}}`); `{}` for shapes."""
+    """`{split: summary}` of a coco_instances data source (`coco_defects.DefectLog.summary()`:
+    kept / total images and annotations, `kinds: {kind: {'count', 'ids'}}`); `{}` for shapes."""
     return {s: dict(d) for s, d in (source.dataset_info.metadata.get("defects") or {}).items()}
 
 

@@ -1,11 +1,23 @@
 """Reading image files as 8-bit RGB, every colour mode converted correctly (COCO builds, predict).
 
 PIL's `convert('RGB')` is right for most modes but clips 16-bit grayscale at 255 (a 16-bit
-image turns near-white); `to_rgb` scales it instead.
+image turns near-white); `to_rgb` scales it instead. `read_rgb` gives the decoded array
+(predict, convert); `encoded_rgb_image` the encoded bytes a COCO record stores, re-encoded only
+when the file is not 8-bit RGB already.
 """
+
+import io
 
 import numpy as np
 from PIL import Image
+
+from maskrcnn_jax.data.coco_defects import (
+    IMAGE_CORRUPT,
+    IMAGE_MISSING,
+    IMAGE_MODE_UNSUPPORTED,
+    CocoFormatError,
+    Defect,
+)
 
 
 def _gray16_to_rgb(image: Image.Image) -> Image.Image:
@@ -49,3 +61,55 @@ def read_rgb(path) -> np.ndarray:
             return np.asarray(to_rgb(image))
     except Exception as e:  # PIL raises assorted errors on unreadable files
         raise ValueError(f"{path}: cannot read image: {e}") from e
+
+
+def _png_bit_depth(data: bytes) -> int:
+    """The bit depth in a PNG's IHDR (PIL reads 48-bit RGB PNGs as mode 'RGB')."""
+    return data[24] if len(data) > 24 and data[12:16] == b"IHDR" else 8
+
+
+def encoded_rgb_image(path: str) -> tuple[bytes, int, int]:
+    """Encoded bytes of an 8-bit RGB image and `(height, width)`; raises `Defect`.
+
+    8-bit RGB JPEG / PNG files (PNG without transparency) are kept as they are; anything else is
+    decoded, converted (`to_rgb`) and re-encoded as a PNG, so that every decoder on read (PIL,
+    or OpenCV's IMREAD_UNCHANGED in TFDS) gets (H, W, 3) uint8. 48-bit RGB PNGs: PIL keeps the
+    high byte of each value (v >> 8, at most 1 below round(v / 257)).
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise Defect(IMAGE_MISSING, "file_name", f"cannot read image file {path}: {e}") from e
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()  # decodes fully: truncated files fail here
+    except Exception as e:  # PIL raises assorted errors on corrupt files
+        raise Defect(IMAGE_CORRUPT, "file_name", f"corrupt image file {path}: {e}") from e
+    with image:
+        width, height = image.size
+        keep = image.mode == "RGB" and (
+            image.format == "JPEG" or (image.format == "PNG" and _png_bit_depth(data) == 8
+                                       and "transparency" not in image.info))
+        if not keep:
+            try:
+                rgb = to_rgb(image)
+            except Exception as e:
+                raise Defect(IMAGE_MODE_UNSUPPORTED, "file_name",
+                             f"image file {path}: no RGB conversion of mode {image.mode}: "
+                             f"{e}") from e
+            out = io.BytesIO()
+            rgb.save(out, format="PNG")
+            data = out.getvalue()
+    return data, height, width
+
+
+def read_rgb_image(path: str, where: str) -> tuple[bytes, int, int]:
+    """The encoded bytes of an 8-bit RGB image (other modes converted, see `to_rgb`, and
+    re-encoded as PNG) and its `(height, width)`. Raises CocoFormatError naming the file if it
+    is missing or corrupt."""
+    try:
+        return encoded_rgb_image(path)
+    except Defect as d:
+        raise CocoFormatError(f"{where}: {d.detail}", kind=d.kind, file=path,
+                              field=d.field) from None

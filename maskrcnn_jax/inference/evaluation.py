@@ -9,7 +9,7 @@ Inference runs batched through the compiled network (`runtime.compiled`, shared 
 (a `('data',)` mesh). Each image goes to the smallest canvas of `config.canvas_buckets` that
 holds it (as `Predictor`; one compiled function per canvas used): the buckets are planned from
 the records' sizes, the same on every process, and each JAX process reads its own contiguous
-share of each bucket (`pipeline.PaddedShard`: every share padded to the same length with masked
+share of each bucket (`eval_shards.PaddedShard`: every share padded to the same length with masked
 images, so every process runs the same batches of the same canvas). The detections are
 gathered to process 0 and put back in split order, one COCOeval runs there and its metrics are
 broadcast, so the metrics are those of a single-process run. Detections are mapped back to
@@ -93,7 +93,7 @@ def evaluate(model_config, variables, source, *, batch_size: int = 8,
     import grain
     from tqdm import tqdm
 
-    from maskrcnn_jax.data import builders, pipeline
+    from maskrcnn_jax.data import builders, eval_shards, pipeline, record_buckets
 
     if batch_size < 1:
         raise ValueError(f"batch_size (images per device) must be >= 1, got {batch_size}")
@@ -112,9 +112,9 @@ def evaluate(model_config, variables, source, *, batch_size: int = 8,
     # Every process plans the same buckets from the records' sizes (no image decoded), then
     # reads its share of each bucket: the same batches per bucket on every process.
     split_ids, sizes = builders.image_ids_and_sizes(source, num_images)
-    buckets = pipeline.bucket_positions(sizes, config)
-    shards = {canvas: pipeline.PaddedShard(data, jax.process_index(), jax.process_count(),
-                                           positions)
+    buckets = record_buckets.bucket_positions(sizes, config)
+    shards = {canvas: eval_shards.PaddedShard(data, jax.process_index(), jax.process_count(),
+                                              positions)
               for canvas, positions in buckets.items()}
     results, image_ids = [], []
     show = progress and runtime.is_main_process()

@@ -11,7 +11,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from maskrcnn_jax import runtime
-from maskrcnn_jax.config import bucket_for, canvases
+from maskrcnn_jax.canvas import bucket_for, canvases
 from maskrcnn_jax.data.transform import padded_size, paste_masks, preprocess, resize_boxes
 from maskrcnn_jax.models.maskrcnn import MaskRCNN, frozen
 

@@ -1,6 +1,6 @@
 """The weighted heads of Mask R-CNN (torchvision v1 and v2), NHWC. No detection logic here.
 
-Variable names mirror torchvision's state-dict names (see `torchvision.state_dict`).
+Variable names mirror torchvision's state-dict names (see `torchvision.state_dict_to_flax`).
 All modules take a computation `dtype` (None: input dtype); parameters stay float32.
 
 torchvision's v2 (`maskrcnn_resnet50_fpn_v2`) differs in its heads: a 2-conv RPN head

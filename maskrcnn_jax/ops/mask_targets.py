@@ -5,10 +5,10 @@ Two forms:
   (models/detection/roi_heads.py), i.e. `roi_align` of the full-resolution GT mask matched to
   each proposal, spatial scale 1, adaptive sampling grid, `aligned=False`.
 * A compact form for the input pipeline (as the TF TPU Mask R-CNN): each GT mask is first
-  resampled onto its own box at a fixed `crop_size` (`crop_masks_to_boxes`, G small crops instead
-  of G full images), and targets are then resampled from the crops
-  (`project_cropped_masks_on_boxes`). Mean absolute error vs the full-resolution targets is
-  ~0.005 on realistic data (see tests/ops/test_mask_targets.py).
+  resampled onto its own box at a fixed `crop_size` on the host (G small crops instead of G full
+  images: `maskrcnn_jax.data.mask_crops.crop_resized_masks`), and targets are then resampled
+  from the crops (`project_cropped_masks_on_boxes`). Mean absolute error vs the full-resolution
+  targets is ~0.005 on realistic data (see tests/ops/test_mask_targets.py).
 
 Masks are `(G, H, W)` per image (batch via `jax.vmap`); boxes `(x1, y1, x2, y2)` in image pixels.
 """
@@ -62,35 +62,6 @@ def project_masks_on_boxes(
                          max_sampling_grid)
 
 
-def crop_masks_to_boxes(
-    gt_masks: jnp.ndarray,
-    gt_boxes: jnp.ndarray,
-    crop_size: int = 112,
-    max_sampling_grid: int = 4,
-) -> jnp.ndarray:
-    """Resample each GT mask onto its own box: the compact mask representation.
-
-    Cell `(i, j)` is the average of the mask over the box's `(i, j)`-th of `crop_size^2` cells
-    (RoIAlign, `aligned=False`, adaptive grid), so the crop's cell centres sit at
-    `box_start + (j + 0.5) * box_size / crop_size`. Jit-able with static G; accepts NumPy inputs
-    (e.g. on host in the input pipeline).
-
-    Args:
-      gt_masks: `(G, H, W)` masks (bool/uint8/float), G >= 1.
-      gt_boxes: `(G, 4)` float32 GT boxes `(x1, y1, x2, y2)` in image pixels (tight boxes).
-      crop_size: static S.
-      max_sampling_grid: static bound of the per-cell adaptive grid (boxes up to
-        `S * max_sampling_grid` px sampled exactly, larger ones on a coarser even grid).
-
-    Returns:
-      `(G, S, S)` float32 crops.
-    """
-    gt_boxes = jnp.asarray(gt_boxes, jnp.float32)
-    idx = jnp.arange(gt_boxes.shape[0], dtype=jnp.int32)
-    return _per_map_pool(jnp.asarray(gt_masks), gt_boxes, idx, (crop_size, crop_size), 1.0, -1,
-                         False, max_sampling_grid)
-
-
 def project_cropped_masks_on_boxes(
     cropped_masks: jnp.ndarray,
     gt_boxes: jnp.ndarray,
@@ -100,7 +71,7 @@ def project_cropped_masks_on_boxes(
     sampling_ratio: int = 2,
     max_sampling_grid: Optional[int] = None,
 ) -> jnp.ndarray:
-    """Mask targets from `crop_masks_to_boxes` crops; approximates `project_masks_on_boxes`.
+    """Mask targets from GT mask crops; approximates `project_masks_on_boxes`.
 
     Each proposal is mapped into its GT crop's cell coordinates and RoIAligned there. Why the
     details: crop cell centres are at half-cell offsets, hence `aligned=True` in crop space;
@@ -110,7 +81,8 @@ def project_cropped_masks_on_boxes(
     torchvision's `>= 1 px` RoI size clamp is applied in image space first.
 
     Args:
-      cropped_masks: `(G, S, S)` float32 crops of `crop_masks_to_boxes`.
+      cropped_masks: `(G, S, S)` float32 crops, each GT mask RoIAligned onto its own box
+        (aligned=False, adaptive grid: `data.mask_crops.crop_resized_masks`).
       gt_boxes: `(G, 4)` float32 the GT boxes the crops were taken from.
       boxes: `(R, 4)` float32 proposals `(x1, y1, x2, y2)` in image pixels.
       matched_idxs: `(R,)` int GT index per proposal (clamped into `[0, G)`).

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from maskrcnn_jax.data import builders, coco, shapes
+from maskrcnn_jax.data import builders, coco, coco_defects, coco_rle, shapes
 from maskrcnn_jax.testing.coco_folder import CATEGORIES, LABEL_OF, write_coco_folder
 
 
@@ -58,7 +58,7 @@ def test_coco_records_match_annotations(coco_built):
         np.testing.assert_array_equal(record["category_ids"], [a["category_id"] for a in anns])
         np.testing.assert_array_equal(record["is_crowd"], [bool(a["iscrowd"]) for a in anns])
         np.testing.assert_array_equal(record["areas"], [a["area"] for a in anns])
-        masks = coco.decode_masks(record["mask_rles"], h, w)
+        masks = coco_rle.decode_masks(record["mask_rles"], h, w)
         assert masks.shape == (len(anns), h, w)
         for mask, ann in zip(masks, anns):
             np.testing.assert_array_equal(mask, gt.annToMask(ann))
@@ -100,7 +100,7 @@ def _rewrite(root, edit):
 def _records(root, strict=False):
     (ann, images), = [v for k, v in coco.find_annotation_files(root).items() if k == "train"]
     cats = coco.merge_categories([CATEGORIES])
-    return list(coco.coco_records(ann, images, cats, coco.DefectLog(strict=strict)))
+    return list(coco.coco_records(ann, images, cats, coco_defects.DefectLog(strict=strict)))
 
 
 @pytest.mark.parametrize("case", ["missing", "corrupt", "truncated"])
@@ -117,7 +117,7 @@ def test_bad_image_files_are_named(tmp_path, case):
             data = f.read()
         with open(path, "wb") as f:
             f.write(b"not an image at all" if case == "corrupt" else data[: len(data) // 2])
-    with pytest.raises(coco.CocoFormatError, match=r"image id 5 .*gray\.png"):
+    with pytest.raises(coco_defects.CocoFormatError, match=r"image id 5 .*gray\.png"):
         _records(root, strict=True)
     assert [int(key) for key, _ in _records(root)] == [11, 42]
 
@@ -142,7 +142,7 @@ def test_bad_annotations_are_named(tmp_path, edit, message, skipped):
     root = str(tmp_path)
     write_coco_folder(root)
     path = _rewrite(root, edit)
-    with pytest.raises(coco.CocoFormatError, match=message) as info:
+    with pytest.raises(coco_defects.CocoFormatError, match=message) as info:
         _records(root, strict=True)
     assert path in str(info.value)
     kept = sorted(int(i) for _, r in _records(root) for i in r["annotation_ids"])
@@ -153,7 +153,8 @@ def test_builder_surfaces_the_error(tmp_path):
     root = str(tmp_path / "coco")
     write_coco_folder(root)
     _rewrite(root, lambda d: d["annotations"][1].update(image_id=999))
-    with pytest.raises(coco.CocoFormatError, match="annotation id 102: .*unknown image id 999"):
+    with pytest.raises(coco_defects.CocoFormatError,
+                       match="annotation id 102: .*unknown image id 999"):
         builders.load("coco_instances", str(tmp_path / "tfds"), "train", manual_dir=root,
                       strict=True)
 
@@ -202,7 +203,7 @@ def test_shapes_masks_consistent_with_boxes(shapes_built):
         h, w = r["original_size"]
         assert r["image"].shape == (h, w, 3)
         assert opts.min_side <= h <= opts.max_side and opts.min_side <= w <= opts.max_side
-        masks = coco.decode_masks(r["mask_rles"], h, w)
+        masks = coco_rle.decode_masks(r["mask_rles"], h, w)
         counts.append(len(masks))
         assert masks.sum(0).max(initial=0) <= 1  # occlusion: a pixel belongs to one instance
         for mask, box, area, label in zip(masks, r["boxes"], r["areas"], r["labels"]):

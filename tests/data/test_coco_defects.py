@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from maskrcnn_jax.data import builders, coco
+from maskrcnn_jax.data import builders, coco_defects, coco_rle, images
 
 CATEGORIES = [{"id": 3, "name": "car"}, {"id": 7, "name": "train"}]
 SQUARE = [[2.0, 2.0, 12.0, 2.0, 12.0, 12.0, 2.0, 12.0]]  # a usable polygon inside every image
@@ -148,21 +148,21 @@ def write_defect_folder(root):
         "images": len(images), "images_kept": len(kept),
         "annotations": len(annotations), "annotations_kept": sum(map(len, kept.values())),
         "kinds": {
-            coco.IMAGE_ENTRY_MALFORMED: {"count": 1, "ids": [6]},
-            coco.IMAGE_MISSING: {"count": 1, "ids": [3]},
-            coco.IMAGE_CORRUPT: {"count": 2, "ids": [2, 4]},
-            coco.IMAGE_SIZE_MISMATCH: {"count": 1, "ids": [5]},
-            coco.ANNOTATION_UNKNOWN_IMAGE: {"count": 1, "ids": [140]},
-            coco.ANNOTATION_UNKNOWN_CATEGORY: {"count": 1, "ids": [141]},
-            coco.BBOX_MALFORMED: {"count": 1, "ids": [112]},
-            coco.BBOX_NOT_FINITE: {"count": 1, "ids": [111]},
-            coco.BBOX_NEGATIVE_SIZE: {"count": 1, "ids": [110]},
-            coco.BBOX_ZERO_SIZE: {"count": 7, "ids": [120, 121, 122, 123, 124]},
-            coco.SEGMENTATION_MALFORMED: {"count": 1, "ids": [113]},
-            coco.SEGMENTATION_EMPTY: {"count": 1, "ids": [104]},
-            coco.POLYGON_UNUSABLE: {"count": 1, "ids": [102]},
-            coco.POLYGON_PART_DROPPED: {"count": 1, "ids": [103]},
-            coco.RLE_MALFORMED: {"count": 4, "ids": [105, 106, 107, 108]},
+            coco_defects.IMAGE_ENTRY_MALFORMED: {"count": 1, "ids": [6]},
+            coco_defects.IMAGE_MISSING: {"count": 1, "ids": [3]},
+            coco_defects.IMAGE_CORRUPT: {"count": 2, "ids": [2, 4]},
+            coco_defects.IMAGE_SIZE_MISMATCH: {"count": 1, "ids": [5]},
+            coco_defects.ANNOTATION_UNKNOWN_IMAGE: {"count": 1, "ids": [140]},
+            coco_defects.ANNOTATION_UNKNOWN_CATEGORY: {"count": 1, "ids": [141]},
+            coco_defects.BBOX_MALFORMED: {"count": 1, "ids": [112]},
+            coco_defects.BBOX_NOT_FINITE: {"count": 1, "ids": [111]},
+            coco_defects.BBOX_NEGATIVE_SIZE: {"count": 1, "ids": [110]},
+            coco_defects.BBOX_ZERO_SIZE: {"count": 7, "ids": [120, 121, 122, 123, 124]},
+            coco_defects.SEGMENTATION_MALFORMED: {"count": 1, "ids": [113]},
+            coco_defects.SEGMENTATION_EMPTY: {"count": 1, "ids": [104]},
+            coco_defects.POLYGON_UNUSABLE: {"count": 1, "ids": [102]},
+            coco_defects.POLYGON_PART_DROPPED: {"count": 1, "ids": [103]},
+            coco_defects.RLE_MALFORMED: {"count": 4, "ids": [105, 106, 107, 108]},
         },
     }
     return expected_pixels, kept, summary
@@ -184,13 +184,13 @@ def test_only_the_good_images_and_annotations_are_built(built):
     for image_id, record in records.items():
         assert record["annotation_ids"].tolist() == kept[image_id], image_id
         assert not record["no_annotations"]
-        masks = coco.decode_masks(record["mask_rles"], H, W)
+        masks = coco_rle.decode_masks(record["mask_rles"], H, W)
         assert masks.shape == (len(kept[image_id]), H, W) and all(m.any() for m in masks)
     # the annotation whose 2-point part was dropped: the mask of its usable square alone
     r1 = records[1]
     i103 = r1["annotation_ids"].tolist().index(103)
     square = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(SQUARE, H, W)))
-    np.testing.assert_array_equal(coco.decode_masks(r1["mask_rles"], H, W)[i103], square)
+    np.testing.assert_array_equal(coco_rle.decode_masks(r1["mask_rles"], H, W)[i103], square)
     np.testing.assert_array_equal(r1["boxes"][i103], [2, 2, 12, 12])
 
 
@@ -213,7 +213,7 @@ def test_16bit_gray_is_scaled_not_clipped(tmp_path):
                        ("TIFF", Image.fromarray(values.astype(np.int32)))):  # I
         path = str(tmp_path / f"g.{fmt.lower()}")
         _save(path, image, fmt)
-        data, h, w = coco.read_rgb_image(path, "here")
+        data, h, w = images.read_rgb_image(path, "here")
         decoded = np.asarray(Image.open(io.BytesIO(data)))
         assert (h, w) == values.shape and decoded.shape == (*values.shape, 3)
         np.testing.assert_array_equal(decoded[..., 0], np.round(values / 257))
@@ -225,7 +225,7 @@ def test_summary_per_kind_in_metadata_and_logs(built, caplog, tmp_path):
     assert builders.defects(source)["train"] == summary
     assert builders.defects(source)["validation"] == {
         "images": 2, "images_kept": 1, "annotations": 2, "annotations_kept": 1,
-        "kinds": {coco.IMAGE_CORRUPT: {"count": 1, "ids": [8]}}}
+        "kinds": {coco_defects.IMAGE_CORRUPT: {"count": 1, "ids": [8]}}}
     # survives a reload from disk in a new builder object (metadata.json beside the data)
     fresh = builders.builder("coco_instances", data_dir)
     assert fresh.is_prepared()
@@ -234,9 +234,9 @@ def test_summary_per_kind_in_metadata_and_logs(built, caplog, tmp_path):
         assert json.load(f)["defects"]["train"] == summary
     again = builders.load("coco_instances", data_dir, "validation")
     assert builders.defects(again)["train"] == summary
-    assert set(summary["kinds"]) == set(coco.DEFECT_KINDS) - {coco.ANNOTATION_MALFORMED,
-                                                              coco.IMAGE_MODE_UNSUPPORTED}
-    text = coco.format_defect_summary("coco_instances/train", summary)
+    assert set(summary["kinds"]) == set(coco_defects.DEFECT_KINDS) - {
+        coco_defects.ANNOTATION_MALFORMED, coco_defects.IMAGE_MODE_UNSUPPORTED}
+    text = coco_defects.format_defect_summary("coco_instances/train", summary)
     assert "bbox_zero_size: 7 (first annotation ids: 120, 121, 122, 123, 124, ...)" in text
     assert "image_corrupt: 2 (first image ids: 2, 4)" in text
     print(text)
@@ -279,15 +279,15 @@ def _single_defect_folder(root, edit=None, truncate=False):
 
 
 @pytest.mark.parametrize("case,kind,field,id_kind", [
-    ("truncated", coco.IMAGE_CORRUPT, "file_name", "image"),
-    ("missing", coco.IMAGE_MISSING, "file_name", "image"),
-    ("two_points", coco.POLYGON_UNUSABLE, "segmentation", "annotation"),
-    ("part_dropped", coco.POLYGON_PART_DROPPED, "segmentation", "annotation"),
-    ("empty", coco.SEGMENTATION_EMPTY, "segmentation", "annotation"),
-    ("rle", coco.RLE_MALFORMED, "segmentation", "annotation"),
-    ("zero_box", coco.BBOX_ZERO_SIZE, "bbox", "annotation"),
-    ("negative_box", coco.BBOX_NEGATIVE_SIZE, "bbox", "annotation"),
-    ("nan_box", coco.BBOX_NOT_FINITE, "bbox", "annotation"),
+    ("truncated", coco_defects.IMAGE_CORRUPT, "file_name", "image"),
+    ("missing", coco_defects.IMAGE_MISSING, "file_name", "image"),
+    ("two_points", coco_defects.POLYGON_UNUSABLE, "segmentation", "annotation"),
+    ("part_dropped", coco_defects.POLYGON_PART_DROPPED, "segmentation", "annotation"),
+    ("empty", coco_defects.SEGMENTATION_EMPTY, "segmentation", "annotation"),
+    ("rle", coco_defects.RLE_MALFORMED, "segmentation", "annotation"),
+    ("zero_box", coco_defects.BBOX_ZERO_SIZE, "bbox", "annotation"),
+    ("negative_box", coco_defects.BBOX_NEGATIVE_SIZE, "bbox", "annotation"),
+    ("nan_box", coco_defects.BBOX_NOT_FINITE, "bbox", "annotation"),
 ])
 def test_strict_raises_at_the_first_defect(tmp_path, case, kind, field, id_kind):
     edits = {
@@ -305,7 +305,7 @@ def test_strict_raises_at_the_first_defect(tmp_path, case, kind, field, id_kind)
     json_path, image_path = _single_defect_folder(root, edits.get(case), case == "truncated")
     if case == "missing":
         image_path = os.path.join(root, "train", "gone.jpg")
-    with pytest.raises(coco.CocoFormatError) as info:
+    with pytest.raises(coco_defects.CocoFormatError) as info:
         builders.load("coco_instances", str(tmp_path / "tfds"), "train", manual_dir=root,
                       strict=True)
     e, message = info.value, str(info.value)
@@ -327,10 +327,12 @@ def test_strict_raises_at_the_first_defect(tmp_path, case, kind, field, id_kind)
     if id_kind == "image":
         assert records == {1: [11, 12]}
     else:
-        assert records == {1: [11, 12] if kind == coco.POLYGON_PART_DROPPED else [11], 2: [21]}
+        kept = [11, 12] if kind == coco_defects.POLYGON_PART_DROPPED else [11]
+        assert records == {1: kept, 2: [21]}
 
 
 def test_strict_load_of_a_tolerant_build_with_defects_raises(built):
     _, data_dir, _, _, _, _ = built
-    with pytest.raises(coco.CocoFormatError, match=r"built earlier \(tolerant\) with defects"):
+    with pytest.raises(coco_defects.CocoFormatError,
+                       match=r"built earlier \(tolerant\) with defects"):
         builders.load("coco_instances", data_dir, "train", strict=True)

@@ -4,12 +4,12 @@ References: torchvision's `GeneralizedRCNNTransform` (normalize, resize image / 
 the flip of torchvision's reference `RandomHorizontalFlip`, torch's `nearest` interpolation, and a
 float64 loop of the C++ RoIAlign kernel (aligned=False, adaptive grid, spatial scale 1) for the
 mask crops (torchvision's pure-PyTorch roi_align fallback is far too slow for 112 x 112 crops).
+The crops alone, against torchvision's `project_masks_on_boxes` too: test_mask_crops.py.
 """
 
 import logging
 
 import grain
-import jax
 import numpy as np
 import pytest
 import torch
@@ -17,10 +17,8 @@ from pycocotools import mask as mask_utils
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from maskrcnn_jax.config import model_config
-from maskrcnn_jax.data import builders, coco, pipeline
+from maskrcnn_jax.data import builders, coco_rle, pipeline
 from maskrcnn_jax.data.transform import resized_size
-from maskrcnn_jax.ops import mask_targets
-from maskrcnn_jax.ops.interpolate import nearest_indices
 from maskrcnn_jax.testing.coco_folder import write_coco_folder
 from maskrcnn_jax.testing.references import numpy_roi_align
 
@@ -34,39 +32,6 @@ def roi_align_loop(mask, box, size):
     out = numpy_roi_align(np.asarray(mask)[..., None], np.asarray([box], np.float32), (size, size),
                           1.0, -1, False)
     return out[0, :, :, 0]
-
-
-def test_crop_matches_kernel_loop():
-    rng = np.random.default_rng(0)
-    h0, w0, h, w = 23, 31, 40, 50
-    masks = (rng.random((6, h0, w0)) < 0.4).astype(np.uint8)
-    xy = rng.uniform(-4, [45, 35], (6, 2))
-    wh = rng.uniform(0.2, 30, (6, 2))
-    boxes = np.concatenate([xy, xy + wh], 1).astype(np.float32)
-    boxes[0] = [0, 0, w, h]  # whole image: samples in the last row/column clamp
-    boxes[1] = [10.3, 5.2, 10.5, 5.3]  # under a pixel: clamped to 1 px
-    rows, cols = nearest_indices(h0, h), nearest_indices(w0, w)
-    for flip in (False, True):
-        col_map = w0 - 1 - cols if flip else cols
-        ours = pipeline.crop_resized_masks(masks, rows, col_map, boxes, 28)
-        for n in range(len(masks)):
-            resized = masks[n][np.ix_(rows, col_map)].astype(np.float64)
-            np.testing.assert_allclose(ours[n], roi_align_loop(resized, boxes[n], 28),
-                                       rtol=0, atol=1e-6)
-
-
-def test_crop_agrees_with_ops_crop_masks_to_boxes():
-    """The host twin vs the jnp `crop_masks_to_boxes` (what the brief asks to be the same
-    arithmetic). That function deviates from the kernel's float32 sample positions by up to
-    ~2e-5 (measured against `roi_align_loop`), hence the 1e-4 bound; the twin is exact (above)."""
-    rng = np.random.default_rng(1)
-    masks = (rng.random((5, 60, 70)) < 0.5).astype(np.uint8)
-    xy = rng.uniform(0, [50, 40], (5, 2))
-    boxes = np.concatenate([xy, xy + rng.uniform(1, 20, (5, 2))], 1).astype(np.float32)
-    theirs = np.asarray(jax.jit(mask_targets.crop_masks_to_boxes, static_argnums=(2, 3))(
-        masks, boxes, 112, 4))
-    ours = pipeline.crop_resized_masks(masks, np.arange(60), np.arange(70), boxes, 112)
-    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +49,7 @@ def _torchvision_reference(record, min_size, flip):
     target_boxes = np.clip(record["boxes"], 0, [w0, h0, w0, h0]).astype(np.float32)
     keep = ~record["is_crowd"]
     boxes = torch.from_numpy(target_boxes[keep]).reshape(-1, 4)
-    masks = torch.from_numpy(coco.decode_masks(record["mask_rles"], h0, w0)[keep])
+    masks = torch.from_numpy(coco_rle.decode_masks(record["mask_rles"], h0, w0)[keep])
     if flip:
         image, masks = image.flip(-1), masks.flip(-1)
         boxes[:, [0, 2]] = w0 - boxes[:, [2, 0]]

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from maskrcnn_jax.config import model_config
-from maskrcnn_jax.data import builders, pipeline
+from maskrcnn_jax.data import builders, eval_shards, pipeline, record_buckets, samplers
 
 CONFIG = model_config(num_classes=4, min_size=64, max_size=96)
 KWARGS = dict(train=True, seed=3, max_instances=6, mask_crop_size=14, min_sizes=(48, 64))
@@ -60,7 +60,7 @@ def test_batches_grouped_by_canvas_bucket(source):
     canvases = []
     for batch in (b[0] for b in _batches(source, 1, 5)):
         canvas = batch["images"].shape[1:3]
-        assert all(pipeline.record_canvas(h, w, CONFIG, 64) == canvas
+        assert all(record_buckets.record_canvas(h, w, CONFIG, 64) == canvas
                    for h, w in batch["original_sizes"])
         canvases.append(canvas)
     assert len(set(canvases)) >= 2
@@ -76,7 +76,7 @@ def test_grouped_batches_cut_the_sequence_in_order():
                                                  record_key=(3 * k + epoch) % 10)
 
     groups = np.asarray([0, 1, 1, 0, 2, 1, 0, 0, 1, 1])
-    grouped = pipeline.GroupedBatches(Sequence(), groups, 3)
+    grouped = samplers.GroupedBatches(Sequence(), groups, 3)
     batches = [grouped.batch(i) for i in range(8)]
     seen = np.concatenate(batches)
     assert len(set(seen.tolist())) == len(seen)  # no position twice
@@ -91,7 +91,7 @@ def test_grouped_batches_cut_the_sequence_in_order():
 
 
 def test_epoch_reads_each_record_once_and_resume_continues(source):
-    sampler = [pipeline.GlobalBatchSampler(20, 4, p, 2, seed=3) for p in range(2)]
+    sampler = [samplers.GlobalBatchSampler(20, 4, p, 2, seed=3) for p in range(2)]
     # 5 global batches of 4 = one epoch of 20 positions.
     keys = [[sampler[p][j].record_key for j in range(10)] for p in range(2)]
     assert not set(keys[0]) & set(keys[1])
@@ -106,9 +106,9 @@ def test_epoch_reads_each_record_once_and_resume_continues(source):
 
 def test_bad_arguments(source):
     with pytest.raises(ValueError, match="multiple of the process count 4"):
-        pipeline.GlobalBatchSampler(20, 6, 0, 4, seed=0)
+        samplers.GlobalBatchSampler(20, 6, 0, 4, seed=0)
     with pytest.raises(ValueError, match="process index 2 not in"):
-        pipeline.GlobalBatchSampler(20, 6, 2, 2, seed=0)
+        samplers.GlobalBatchSampler(20, 6, 2, 2, seed=0)
     with pytest.raises(ValueError, match="global_batch_size 8"):
         pipeline.make_dataset(source, CONFIG, batch_size=3, process_index=0, process_count=2,
                               global_batch_size=8, **KWARGS)
@@ -129,11 +129,11 @@ def test_worker_processes_keep_the_batches(source):
 
 
 def test_eval_shards_cover_the_split_once_padded(source):
-    assert [pipeline.shard_bounds(5, p, 2) for p in range(2)] == [(0, 3), (3, 5)]
-    assert [pipeline.shard_bounds(2, p, 3) for p in range(3)] == [(0, 1), (1, 2), (2, 2)]
+    assert [eval_shards.shard_bounds(5, p, 2) for p in range(2)] == [(0, 3), (3, 5)]
+    assert [eval_shards.shard_bounds(2, p, 3) for p in range(3)] == [(0, 1), (1, 2), (2, 2)]
     ids, valid_counts = [], []
     for p in range(3):
-        shard = pipeline.PaddedShard(source, p, 3)  # 20 records: 7, 7, 6 (+1 padding)
+        shard = eval_shards.PaddedShard(source, p, 3)  # 20 records: 7, 7, 6 (+1 padding)
         assert len(shard) == 7
         loader = pipeline.make_dataset(shard, CONFIG, batch_size=4, train=False, max_instances=6,
                                        mask_crop_size=14,
@@ -146,4 +146,4 @@ def test_eval_shards_cover_the_split_once_padded(source):
     assert valid_counts == [7, 7, 6]
     assert ids == [int(source[i]["image_id"]) for i in range(20)]  # in order, each once
     with pytest.raises(ValueError, match="empty"):
-        pipeline.PaddedShard([], 0, 1)
+        eval_shards.PaddedShard([], 0, 1)

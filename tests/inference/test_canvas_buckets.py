@@ -4,7 +4,8 @@ per canvas used, none for new image sizes; the detections equal those of one big
 import numpy as np
 import pytest
 
-from maskrcnn_jax.config import bucket_for, default_canvas_buckets, model_config
+from maskrcnn_jax.canvas import bucket_for, default_canvas_buckets
+from maskrcnn_jax.config import model_config
 from maskrcnn_jax.inference.predictor import Predictor
 from maskrcnn_jax.testing.images import ellipse_image
 from maskrcnn_jax.testing.tiny import tiny_model

@@ -205,14 +205,14 @@ def test_canvas_buckets_compile_once_each_and_keep_torchvisions_ap(converted, da
     holds it: one compiled function per bucket used, none when run again on other images,
     and the AP is still torchvision's (which ran every image alone)."""
     from maskrcnn_jax import runtime
-    from maskrcnn_jax.data import pipeline
+    from maskrcnn_jax.data import record_buckets
     from maskrcnn_jax.inference.runner import compiled_detector
 
     config, variables = converted
     bucketed = model_config(**{**config.to_dict(), "canvas_size": None, "canvas_buckets": None})
     assert bucketed.canvas_buckets == ((128, 128), (128, 160), (160, 128))
     _, sizes = builders.image_ids_and_sizes(dataset["source"])
-    used = pipeline.bucket_positions(sizes, bucketed)
+    used = record_buckets.bucket_positions(sizes, bucketed)
     assert {c: len(p) for c, p in used.items()} == {(128, 128): 2, (128, 160): 17,
                                                     (160, 128): 13}
     ours = evaluation.evaluate(bucketed, variables, dataset["source"], batch_size=BATCH_SIZE,
@@ -230,11 +230,11 @@ def test_canvas_buckets_compile_once_each_and_keep_torchvisions_ap(converted, da
 
 
 def test_an_image_that_fits_no_bucket_is_named():
-    from maskrcnn_jax.data import pipeline
+    from maskrcnn_jax.data import record_buckets
 
     config = model_config(min_size=128, max_size=160, canvas_buckets=[(128, 128)])
     with pytest.raises(ValueError, match=r"record 1: size 100x130 resizes to 123x160 .*none of"):
-        pipeline.bucket_positions(np.asarray([[100, 100], [100, 130]]), config)
+        record_buckets.bucket_positions(np.asarray([[100, 100], [100, 130]]), config)
 
 
 def test_detections_file(reference, evaluated, dataset):

@@ -24,7 +24,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from maskrcnn_jax import models
 from maskrcnn_jax.testing.torch_models import randomize_frozen_bn_and_biases
-from maskrcnn_jax.torchvision.state_dict import (
+from maskrcnn_jax.torchvision.state_dict_to_flax import (
     backbone_with_fpn_to_flax,
     torchvision_to_flax,
 )

@@ -1,9 +1,10 @@
 """Mask targets vs torchvision's `project_masks_on_boxes`, and the compact (cropped) form's error.
 
 References: torchvision.models.detection.roi_heads.project_masks_on_boxes (its compiled
-RoIAlign) on random masks and
-boxes; the compact form is measured against our full-resolution targets on realistic data
-(filled ellipses / star polygons in their tight boxes, proposals jittered GT boxes).
+RoIAlign) on random masks and boxes; the compact form (targets from the input pipeline's mask
+crops, `data.mask_crops.crop_resized_masks`) is measured against our full-resolution targets on
+realistic data (filled ellipses / star polygons in their tight boxes, proposals jittered GT
+boxes).
 """
 
 import jax
@@ -13,14 +14,19 @@ import pytest
 import torch
 from torchvision.models.detection.roi_heads import project_masks_on_boxes as tv_project
 
-from maskrcnn_jax.ops.mask_targets import (
-    crop_masks_to_boxes,
-    project_cropped_masks_on_boxes,
-    project_masks_on_boxes,
-)
+from maskrcnn_jax.data.mask_crops import crop_resized_masks
+from maskrcnn_jax.ops.mask_targets import project_cropped_masks_on_boxes, project_masks_on_boxes
 
 ATOL = 1e-5
 project_jit = jax.jit(project_masks_on_boxes, static_argnames=("mask_size", "max_sampling_grid"))
+
+
+def _crops(masks, gt_boxes, crop_size):
+    """`(G, S, S)` crops of `(G, H, W)` masks on their boxes, as the input pipeline makes them
+    (not resized: identity row / column maps)."""
+    _, height, width = masks.shape
+    return crop_resized_masks(masks.astype(np.uint8), np.arange(height), np.arange(width),
+                              gt_boxes, crop_size)
 
 
 def test_project_masks_on_boxes_matches_torchvision():
@@ -89,8 +95,7 @@ def test_cropped_mask_targets_close_to_full_resolution(image_size):
     grid = int(np.ceil((boxes[:, 2:] - boxes[:, :2]).max() / 28))  # exact full-resolution targets
     full = np.asarray(project_jit(jnp.asarray(masks), jnp.asarray(boxes), jnp.asarray(matched),
                                   mask_size=28, max_sampling_grid=grid))
-    crop_fn = jax.jit(crop_masks_to_boxes, static_argnames=("crop_size",))
-    crops = crop_fn(masks, gt_boxes, crop_size=112)  # NumPy inputs, as on host
+    crops = _crops(masks, gt_boxes, 112)
     assert crops.shape == (6, 112, 112)
     compact = jax.jit(project_cropped_masks_on_boxes, static_argnames=("mask_size",))(
         crops, jnp.asarray(gt_boxes), jnp.asarray(boxes), jnp.asarray(matched), mask_size=28)
@@ -108,7 +113,7 @@ def test_mask_targets_vmap_over_images():
     images = [_realistic_image(rng, 96, 128, num_gt=3, num_rois=10) for _ in range(2)]
     masks, gt_boxes, boxes, matched = (np.stack(x) for x in zip(*images))
     full = jax.jit(jax.vmap(lambda m, b, i: project_masks_on_boxes(m, b, i, 14, 10)))(masks, boxes, matched)
-    crops = jax.jit(jax.vmap(lambda m, g: crop_masks_to_boxes(m, g, 32)))(masks, gt_boxes)
+    crops = np.stack([_crops(m, g, 32) for m, g in zip(masks, gt_boxes)])
     compact = jax.jit(jax.vmap(lambda c, g, b, i: project_cropped_masks_on_boxes(c, g, b, i, 14)))(
         crops, gt_boxes, boxes, matched)
     for k in range(2):

@@ -47,7 +47,7 @@ from torchvision.models.detection.image_list import ImageList
 
 from maskrcnn_jax.models.maskrcnn import MaskRCNN, frozen
 from maskrcnn_jax.testing import loss_parity
-from maskrcnn_jax.torchvision.state_dict import torchvision_to_flax
+from maskrcnn_jax.torchvision.state_dict_to_flax import torchvision_to_flax
 from maskrcnn_jax.training import train_lib
 from maskrcnn_jax.training.losses import LOSS_NAMES, compute_losses
 

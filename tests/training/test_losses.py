@@ -25,10 +25,10 @@ import pytest
 import torch
 
 from maskrcnn_jax.config import model_config
+from maskrcnn_jax.data.mask_crops import crop_resized_masks
 from maskrcnn_jax.layers import targets as tg
 from maskrcnn_jax.models.maskrcnn import MaskRCNN, frozen
 from maskrcnn_jax.ops.boxes import decode_boxes
-from maskrcnn_jax.ops.mask_targets import crop_masks_to_boxes
 from maskrcnn_jax.testing import loss_parity
 from maskrcnn_jax.testing.loss_parity import MASK_ROIS, PARITY_KWARGS, ellipse_objects
 from maskrcnn_jax.training.losses import LOSS_NAMES, compute_losses, mask_loss
@@ -146,6 +146,13 @@ CROP_SIZE = 56
 TINY_MASK_ROIS = 2
 
 
+def _crops(masks, boxes):
+    """`(G, CROP_SIZE, CROP_SIZE)` crops of `(G, H, W)` masks on their boxes, as the input
+    pipeline makes them (not resized: identity row / column maps)."""
+    _, height, width = masks.shape
+    return crop_resized_masks(masks, np.arange(height), np.arange(width), boxes, CROP_SIZE)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     """Tiny-backbone model, a 2-image batch with crops (the input pipeline's format), and a
@@ -173,7 +180,7 @@ def tiny():
     masks, boxes, valid = zip(*[
         ellipse_objects(TINY_CANVAS, size, obj, 3) for size, obj in zip(TINY_SIZES, objects)])
     boxes = np.stack(boxes)
-    crops = jax.vmap(lambda m, b: crop_masks_to_boxes(m, b, CROP_SIZE))(np.stack(masks), boxes)
+    crops = np.stack([_crops(m, b) for m, b in zip(masks, boxes)])
     batch = dict(images=images, image_sizes=TINY_SIZES, padded_sizes=TINY_PADDED, boxes=boxes,
                  labels=np.asarray([[1, 2, 0], [2, 0, 0]], np.int32), valid=np.stack(valid),
                  masks=np.asarray(crops))
@@ -242,7 +249,7 @@ def test_crops_path_close_to_full_resolution():
     roi_boxes = np.clip(roi_boxes, 0, np.tile(image_size[::-1], 2)).astype(np.float32)
     rois = dict(boxes=roi_boxes, matched_idxs=matched, labels=np.ones(num_rois, np.int32),
                 valid=np.arange(num_rois) < num_rois - 4)  # a few padded slots
-    crops = crop_masks_to_boxes(masks, boxes, CROP_SIZE)
+    crops = _crops(masks, boxes)
     logits = rng.normal(0, 3, (1, num_rois, 28, 28, 2)).astype(np.float32)
 
     @functools.partial(jax.jit, static_argnums=4)

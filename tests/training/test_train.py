@@ -313,7 +313,7 @@ def test_canvas_buckets_compile_one_train_step_each(data_dir, tmp_path):
     the smallest that holds it at the largest training scale): the train step compiles once
     per bucket used, none for later batches of the same buckets."""
     from maskrcnn_jax.config import model_config
-    from maskrcnn_jax.data import pipeline
+    from maskrcnn_jax.data import pipeline, record_buckets
 
     config = tiny_config(data_dir, **{"model.canvas_size": None, "model.max_size": 96,
                                       "data.batch_size": 4, "num_train_steps": 3})
@@ -326,7 +326,7 @@ def test_canvas_buckets_compile_one_train_step_each(data_dir, tmp_path):
     batches = [b for b, _ in zip(loader, range(3))]
     canvases = [b["images"].shape[1:3] for b in batches]
     for b, canvas in zip(batches, canvases):  # each image in its own bucket
-        assert all(pipeline.record_canvas(*size, model_cfg, 64) == canvas
+        assert all(record_buckets.record_canvas(*size, model_cfg, 64) == canvas
                    for size in b["original_sizes"])
     assert len(set(canvases)) >= 2, canvases
     train.train_and_evaluate(config, str(tmp_path / "run"))
