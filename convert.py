@@ -10,12 +10,20 @@ read from the state dict; the other flags take torchvision's keyword names and d
 as JSON: --canvas_size=[800,1344]). The written checkpoint is loaded back and checked against
 its config before success is reported. Needs torch (`pip install -e '.[torch]'`).
 
+DIR must be new or empty: a non-empty folder is refused unless --overwrite, which replaces its
+`config.json` and `variables/` and nothing else; a train.py workdir or an exported model is
+always refused (a `config.json` there would take the place of its own weights). Both are
+written under temporary names and renamed into place, so an interrupted run leaves DIR as it
+was. Usage errors are one line on stderr (exit status 2; 1 for a .pth that cannot be read);
+--verbose adds the traceback.
+
 --compare runs torchvision's model with the same state dict beside the converted one on each
 image and prints, per stage (backbone, FPN, RPN, proposals, box head on torchvision's
 proposals, detections, masks), the max absolute and relative difference.
 """
 
 import json
+import os
 import sys
 
 import numpy as np
@@ -25,7 +33,10 @@ from maskrcnn_jax import cli
 from maskrcnn_jax.config import STATIC_DEFAULTS, TORCHVISION_DEFAULTS
 
 FLAGS = flags.FlagValues()
-flags.DEFINE_string("out", None, "output directory", flag_values=FLAGS)
+flags.DEFINE_string("out", None, "output directory (new or empty)", flag_values=FLAGS)
+flags.DEFINE_bool("overwrite", False, "--out may be a non-empty folder: its config.json and "
+                  "variables/ are replaced, nothing else (never a train.py workdir)",
+                  flag_values=FLAGS)
 flags.DEFINE_float(
     "frozen_bn_eps", STATIC_DEFAULTS["frozen_bn_eps"],
     "eps of the backbone's FrozenBatchNorm2d; 0.0 for torchvision's official COCO_V1 checkpoint, "
@@ -38,6 +49,7 @@ for _key in _SETTINGS:
     flags.DEFINE_string(_key, None, f"JSON value (default: {json.dumps(_default)})",
                         flag_values=FLAGS)
 cli.define_compilation_cache_flag(FLAGS)
+cli.define_verbose_flag(FLAGS)
 
 
 def _parse_value(text):
@@ -48,15 +60,27 @@ def _parse_value(text):
 
 
 def convert_file(path, out, frozen_bn_eps=STATIC_DEFAULTS["frozen_bn_eps"], compare=(),
-                 **overrides) -> int:
-    """Convert `path` into `out` (see the module docstring); returns the exit status."""
+                 overwrite=False, **overrides) -> int:
+    """Convert `path` into `out` (see the module docstring); returns the exit status.
+
+    Raises:
+      UsageError: `out` may not be written (`checkpoints.check_converted_destination`), or a
+        setting contradicts the state dict (naming both values).
+      CheckpointError: `path` is not a readable torchvision Mask R-CNN state dict.
+    """
     from maskrcnn_jax import checkpoints
+    from maskrcnn_jax.errors import UsageError
     from maskrcnn_jax.models.maskrcnn import check_variables
     from maskrcnn_jax.torchvision.convert import from_torchvision, load_state_dict
 
+    checkpoints.check_converted_destination(out, overwrite)  # before the long load
     state_dict = load_state_dict(path)
-    config, variables = from_torchvision(state_dict, frozen_bn_eps=frozen_bn_eps, **overrides)
-    checkpoints.save_converted(out, config, variables)
+    try:
+        config, variables = from_torchvision(state_dict, frozen_bn_eps=frozen_bn_eps,
+                                             **overrides)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UsageError(f"{path}: {e}") from e
+    checkpoints.save_converted(out, config, variables, overwrite=overwrite)
     config, variables, _ = checkpoints.load_weights(out)
     check_variables(config, variables, where=f"{out}: the written variables")
     num_values = sum(int(np.size(v)) for v in checkpoints.flatten_by_path(variables).values())
@@ -84,13 +108,20 @@ def _compare(state_dict, config, variables, image_paths):
 
 def main(argv=None) -> int:
     args = cli.parse(FLAGS, argv, __doc__, "convert.py")
-    cli.enable_compilation_cache(FLAGS.compilation_cache_dir)
     if len(args) != 1:
-        raise SystemExit(f"convert.py: expected one .pth file, got {args}; see --help")
+        cli.fail("convert.py", f"expected one .pth file, got {args or 'none'} (see --help)")
     if not FLAGS.out:
-        raise SystemExit("convert.py: --out is required")
+        cli.fail("convert.py", "--out is required")
+    if not os.path.isfile(args[0]):
+        cli.fail("convert.py", f"{args[0]}: no such file")
+    for image in FLAGS.compare:
+        if not os.path.isfile(image):
+            cli.fail("convert.py", f"--compare {image}: no such file")
+    cli.enable_compilation_cache(FLAGS.compilation_cache_dir)
     overrides = {k: _parse_value(FLAGS[k].value) for k in _SETTINGS if FLAGS[k].value is not None}
-    return convert_file(args[0], FLAGS.out, FLAGS.frozen_bn_eps, FLAGS.compare, **overrides)
+    with cli.reporting("convert.py", FLAGS.verbose):
+        return convert_file(args[0], FLAGS.out, FLAGS.frozen_bn_eps, FLAGS.compare,
+                            overwrite=FLAGS.overwrite, **overrides)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,11 @@ DIR is either
       parameters and batch statistics are evaluated with the model config saved beside them, and
       the data set defaults to the one it was trained on (its eval split).
 Prints the 12-line COCO summaries and writes detections.json and metrics.json into --workdir
-(default: DIR). A --checkpoint that does not exist is an error; nothing is created.
+(default: DIR), each whole (a temporary file renamed into place) and only after an evaluation
+of at least one image succeeded: a failed run leaves an earlier run's files as they were.
+Usage errors (a --checkpoint that does not exist, an unknown split, --max_images < 1, ...) are
+one line on stderr with exit status 2 and create nothing; a checkpoint or data set that cannot
+be used exits 1, also in one line (--verbose adds the traceback).
 
 Several processes (hosts) evaluate together when every one runs the same command with the
 multi-process flags (as train.py): each reads its share of the split on its own devices, process
@@ -41,7 +45,8 @@ flags.DEFINE_string("workdir", None, "output directory (default: --checkpoint)",
                     flag_values=FLAGS)
 flags.DEFINE_integer("batch_size", 8, "images per compiled call", lower_bound=1,
                      flag_values=FLAGS)
-flags.DEFINE_integer("max_images", None, "evaluate the first N images only", flag_values=FLAGS)
+flags.DEFINE_integer("max_images", None, "evaluate the first N (>= 1) images only",
+                     lower_bound=1, flag_values=FLAGS)
 flags.DEFINE_bool("progress", True, "show a progress bar", flag_values=FLAGS)
 flags.DEFINE_enum("coco_eval", "pycocotools", ["pycocotools", "faster_coco_eval"],
                   "COCOeval implementation: pycocotools, or faster-coco-eval's C++ one (the same "
@@ -71,23 +76,33 @@ def load_source(train_config, data=None, data_dir=None, split=None, manual_dir=N
 def main(argv=None) -> int:
     args = cli.parse(FLAGS, argv, __doc__, "eval.py")
     if args:
-        raise SystemExit(f"eval.py: unexpected arguments {args}; see --help")
+        cli.fail("eval.py", f"unexpected arguments {args} (see --help)")
     if not FLAGS.checkpoint:
-        raise SystemExit("eval.py: --checkpoint is required")
+        cli.fail("eval.py", "--checkpoint is required")
     checkpoint = os.path.expanduser(FLAGS.checkpoint)
     if not os.path.isdir(checkpoint):
-        raise SystemExit(f"eval.py: --checkpoint {checkpoint}: no such directory")
-    cli.start_runtime(FLAGS, "eval.py")
+        cli.fail("eval.py", f"--checkpoint {checkpoint}: no such directory")
+    workdir = os.path.expanduser(FLAGS.workdir or checkpoint)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        cli.fail("eval.py", f"--workdir {workdir}: exists and is not a folder")
+    with cli.reporting("eval.py", FLAGS.verbose):
+        cli.start_runtime(FLAGS, "eval.py")
 
-    from maskrcnn_jax.checkpoints import load_weights
-    from maskrcnn_jax.inference.evaluation import evaluate
+        from maskrcnn_jax.checkpoints import load_weights
+        from maskrcnn_jax.errors import CheckpointError
+        from maskrcnn_jax.inference.evaluation import evaluate
+        from maskrcnn_jax.models.maskrcnn import check_variables
 
-    config, variables, train_config = load_weights(checkpoint)
-    source = load_source(train_config, FLAGS.data, FLAGS.data_dir, FLAGS.split,
-                         FLAGS.manual_dir, FLAGS.data_config)
-    metrics = evaluate(config, variables, source, batch_size=FLAGS.batch_size,
-                       workdir=FLAGS.workdir or checkpoint, max_images=FLAGS.max_images,
-                       progress=FLAGS.progress, coco_backend=FLAGS.coco_eval)
+        config, variables, train_config = load_weights(checkpoint)
+        try:
+            check_variables(config, variables, where=f"{checkpoint}: the weights")
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+        source = load_source(train_config, FLAGS.data, FLAGS.data_dir, FLAGS.split,
+                             FLAGS.manual_dir, FLAGS.data_config)
+        metrics = evaluate(config, variables, source, batch_size=FLAGS.batch_size,
+                           workdir=workdir, max_images=FLAGS.max_images,
+                           progress=FLAGS.progress, coco_backend=FLAGS.coco_eval)
     if runtime.is_main_process():
         print(" ".join(f"{k}={v:.4f}" for k, v in metrics.items()
                        if k.endswith(("/AP", "/AP50"))))

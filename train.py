@@ -20,7 +20,7 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 from tqdm import tqdm
@@ -28,8 +28,9 @@ from tqdm import tqdm
 from maskrcnn_jax import checkpoints, cli, runtime
 from maskrcnn_jax.config import model_config
 from maskrcnn_jax.data import builders, pipeline, samplers
+from maskrcnn_jax.errors import ConfigError, UsageError
 from maskrcnn_jax.models.maskrcnn import MaskRCNN, frozen
-from maskrcnn_jax.training import train_lib
+from maskrcnn_jax.training import config_checks, train_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/shapes.py", "Training configuration file.")
@@ -52,13 +53,23 @@ def load_source(data_cfg, split: str):
                          manual_dir=os.path.expanduser(data_cfg.manual_dir) or None)
 
 
+def _load_start(key: str, load, path: str, *args):
+    """`load(path, *args)` for the config key `key` (init_from, init_backbone): a path that
+    does not exist is a ConfigError naming the key."""
+    try:
+        return load(path, *args)
+    except FileNotFoundError:
+        raise ConfigError(f"config.{key} = {path!r}: no such checkpoint folder or .pth "
+                          "file") from None
+
+
 def load_backbone(path: str):
     """Backbone variables `{'params', 'batch_stats'}` from a torchvision ImageNet ResNet state
     dict (.pth; needs torch)."""
     weights = checkpoints.load_weights(path)
     if weights.config is not None:
-        raise ValueError(f"init_backbone {path} holds a whole Mask R-CNN, not an ImageNet "
-                         "ResNet: start from it with init_from")
+        raise ConfigError(f"config.init_backbone = {path!r} holds a whole Mask R-CNN, not an "
+                          "ImageNet ResNet: start from it with init_from")
     return {collection: tree["backbone"] for collection, tree in weights.variables.items()}
 
 
@@ -150,6 +161,7 @@ def train_and_evaluate(config, workdir: str, step_hook=None) -> dict:
         The state that gave it is never saved, and a checkpoint of the state just before is
         deleted, so that the newest checkpoint is one that trains on.
     """
+    config_checks.check_config(config)
     workdir = os.path.abspath(os.path.expanduser(workdir))
     model_cfg = training_model_config(config)
     model = MaskRCNN(frozen(model_cfg))
@@ -170,82 +182,91 @@ def train_and_evaluate(config, workdir: str, step_hook=None) -> dict:
     tx, schedule = train_lib.create_optimizer(config.optimizer, param_shapes, global_batch,
                                               config.frozen_backbone_stages)
     manager = checkpoints.checkpoint_manager(workdir, config.keep_checkpoints)
-    backbone = load_backbone(config.init_backbone) if config.init_backbone else None
-    initial = None
-    if config.get("init_from") and manager.latest_step() is None:  # resuming needs no start
-        from maskrcnn_jax.training import finetune
+    try:
+        resuming = manager.latest_step() is not None
+        backbone = (_load_start("init_backbone", load_backbone, config.init_backbone)
+                    if config.init_backbone and not resuming else None)
+        initial = None
+        if config.get("init_from") and not resuming:  # resuming needs no start
+            from maskrcnn_jax.training import finetune
 
-        initial = finetune.load_pretrained(config.init_from, model_cfg,
-                                           jax.random.fold_in(key, 1))
-    if manager.latest_step() is None:
-        state = runtime.replicate(
-            train_lib.create_train_state(model, tx, key, backbone, variables=initial), mesh)
-    else:  # resuming: the restore target needs only shapes (no initialisation to compile)
-        state = jax.eval_shape(lambda: train_lib.create_train_state(model, tx, key))
-        state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(
-            s.shape, s.dtype, sharding=runtime.replicated(mesh)), state)
-    restored = checkpoints.restore_train_state(manager, state, config.model.to_dict())
-    start_record = 0
-    if restored is not None:
-        state, data_state, _ = restored
-        start_record = samplers.records_consumed(data_state, int(state.step), global_batch)
-    step = int(state.step)
-    data_iter, start_step = iter(make_loader(start_record)), step
-    if restored is not None:
-        log.info("resumed from step %d", step)
-    p_train_step = compiled_train_step(config, mesh, param_shapes)
-    writer = train_lib.MetricWriter(workdir)
-    num_steps = int(config.num_train_steps)
+            initial = _load_start("init_from", finetune.load_pretrained, config.init_from,
+                                  model_cfg, jax.random.fold_in(key, 1))
+        if not resuming:
+            state = runtime.replicate(
+                train_lib.create_train_state(model, tx, key, backbone, variables=initial), mesh)
+        else:  # resuming: the restore target needs only shapes (no initialisation to compile)
+            state = jax.eval_shape(lambda: train_lib.create_train_state(model, tx, key))
+            state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(
+                s.shape, s.dtype, sharding=runtime.replicated(mesh)), state)
+        restored = checkpoints.restore_train_state(manager, state, config.model.to_dict())
+        start_record = 0
+        if restored is not None:
+            state, data_state, _ = restored
+            start_record = samplers.records_consumed(data_state, int(state.step), global_batch)
+        step = int(state.step)
+        data_iter, start_step = iter(make_loader(start_record)), step
+        if restored is not None:
+            log.info("resumed from step %d", step)
+        p_train_step = compiled_train_step(config, mesh, param_shapes)
+        writer = train_lib.MetricWriter(workdir)
+        num_steps = int(config.num_train_steps)
 
-    def save(at_step):
-        consumed = start_record + (at_step - start_step) * global_batch
-        checkpoints.save_train_state(manager, at_step, state, samplers.position_state(consumed),
-                                     config)
+        def save(at_step):
+            consumed = start_record + (at_step - start_step) * global_batch
+            checkpoints.save_train_state(manager, at_step, state, samplers.position_state(consumed),
+                                         config)
 
-    window, window_start, window_steps = {}, time.time(), 0
-    last_logged = {}
-    with SigtermFlag() as sigterm, tqdm(total=num_steps, initial=step, desc="train",
-                                        disable=not runtime.is_main_process()) as bar:
-        while step < num_steps:
-            # This process's SIGTERM flag rides along with the batch; the step returns the OR
-            # over every process, so all of them stop after the same step.
-            batch = train_lib.shard_batch(next(data_iter), mesh, stop_requested=sigterm.requested)
-            state, metrics = p_train_step(state, batch)
-            step += 1
-            metrics = jax.device_get(metrics)
-            stop = bool(metrics.pop(train_lib.STOP_FIELD))
-            try:
-                train_lib.check_finite(step, metrics)
-            except FloatingPointError as e:
-                raise FloatingPointError(f"{e}; {discard_diverged(manager, step)}") from None
-            if step_hook is not None:
-                step_hook(step, metrics)
-            for k, v in metrics.items():
-                window[k] = window.get(k, 0.0) + float(v)
-            window_steps += 1
-            images_per_s = window_steps * global_batch / max(time.time() - window_start, 1e-9)
-            bar.set_postfix(loss=f"{float(metrics['loss']):.3f}", img_s=f"{images_per_s:.1f}")
-            bar.update(1)
-            if step % config.log_every_steps == 0 or step == num_steps:
-                last_logged = {k: v / window_steps for k, v in window.items()}
-                last_logged.update(lr=float(schedule(step - 1)), images_per_s=images_per_s)
-                writer.write(step, last_logged)
-                window, window_start, window_steps = {}, time.time(), 0
-            if step % config.checkpoint_every_steps == 0 or step == num_steps or stop:
-                save(step)
-            if stop:
-                manager.wait_until_finished()
-                log.warning("SIGTERM (%s): saved a checkpoint at step %d, exiting",
-                            "this process" if sigterm.requested else "another process", step)
-                writer.close()
-                manager.close()
-                return {"preempted": step}
-            if config.eval_every_steps and step % config.eval_every_steps == 0 and step < num_steps:
-                writer.write(step, evaluate(config, model_cfg, state, workdir), prefix="eval")
+        window, window_start, window_steps = {}, time.time(), 0
+        last_logged = {}
+        with SigtermFlag() as sigterm, tqdm(total=num_steps, initial=step, desc="train",
+                                            disable=not runtime.is_main_process()) as bar:
+            while step < num_steps:
+                # This process's SIGTERM flag rides along with the batch; the step returns the OR
+                # over every process, so all of them stop after the same step.
+                batch = train_lib.shard_batch(next(data_iter), mesh,
+                                              stop_requested=sigterm.requested)
+                state, metrics = p_train_step(state, batch)
+                step += 1
+                metrics = jax.device_get(metrics)
+                stop = bool(metrics.pop(train_lib.STOP_FIELD))
+                try:
+                    train_lib.check_finite(step, metrics)
+                except FloatingPointError as e:
+                    raise FloatingPointError(f"{e}; {discard_diverged(manager, step)}") from None
+                if step_hook is not None:
+                    step_hook(step, metrics)
+                for k, v in metrics.items():
+                    window[k] = window.get(k, 0.0) + float(v)
+                window_steps += 1
+                images_per_s = window_steps * global_batch / max(time.time() - window_start, 1e-9)
+                bar.set_postfix(loss=f"{float(metrics['loss']):.3f}", img_s=f"{images_per_s:.1f}")
+                bar.update(1)
+                if step % config.log_every_steps == 0 or step == num_steps:
+                    last_logged = {k: v / window_steps for k, v in window.items()}
+                    last_logged.update(lr=float(schedule(step - 1)), images_per_s=images_per_s)
+                    writer.write(step, last_logged)
+                    window, window_start, window_steps = {}, time.time(), 0
+                if step % config.checkpoint_every_steps == 0 or step == num_steps or stop:
+                    save(step)
+                if stop:
+                    manager.wait_until_finished()
+                    log.warning("SIGTERM (%s): saved a checkpoint at step %d, exiting",
+                                "this process" if sigterm.requested else "another process", step)
+                    writer.close()
+                    manager.close()
+                    return {"preempted": step}
+                if (config.eval_every_steps and step % config.eval_every_steps == 0
+                        and step < num_steps):
+                    writer.write(step, evaluate(config, model_cfg, state, workdir),
+                                 prefix="eval")
 
-    save(step)  # no-op when the last step is already saved (e.g. a finished run restarted)
-    manager.wait_until_finished()
-    manager.close()
+        save(step)  # no-op when the last step is already saved (e.g. a finished run restarted)
+        manager.wait_until_finished()
+        manager.close()
+    except BaseException:  # an error or interrupt: let Orbax's threads end before exit
+        manager.close()
+        raise
     results = dict(last_logged)
     eval_metrics = evaluate(config, model_cfg, state, workdir) if config.final_eval else {}
     if eval_metrics:
@@ -255,26 +276,34 @@ def train_and_evaluate(config, workdir: str, step_hook=None) -> dict:
     return results
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if FLAGS.workdir is None:
-        raise app.UsageError("--workdir is required")
-    config = FLAGS.config
-    cli.start_runtime(FLAGS, "train.py", auto=config.distributed)
-    # Our progress and warnings at INFO; libraries' (Orbax, TFDS, absl) chatter only from WARNING.
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("maskrcnn_jax").setLevel(logging.INFO)
-    log.setLevel(logging.INFO)
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    log.info("devices: %s (process %d of %d)", jax.devices(), jax.process_index(),
-             jax.process_count())
-    results = train_and_evaluate(config, FLAGS.workdir)
+def main(argv=None) -> int:
+    """train.py's command line (`argv` without the program name; None: `sys.argv[1:]`)."""
+    args = cli.parse(FLAGS, argv, __doc__, "train.py")
+    with cli.reporting("train.py", FLAGS.verbose):
+        if args:
+            raise UsageError(f"unexpected arguments {args} (see train.py --help)")
+        if not FLAGS.workdir:
+            raise UsageError("--workdir is required")
+        config = FLAGS.config
+        config_checks.check_config(config)  # before anything is created
+        if os.path.exists(FLAGS.workdir) and not os.path.isdir(FLAGS.workdir):
+            raise UsageError(f"--workdir {FLAGS.workdir}: exists and is not a folder")
+        cli.start_runtime(FLAGS, "train.py", auto=config.distributed)
+        # Our progress and warnings at INFO; libraries' (Orbax, TFDS, absl) chatter only from
+        # WARNING.
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        logging.getLogger("maskrcnn_jax").setLevel(logging.INFO)
+        log.setLevel(logging.INFO)
+        absl_logging.set_verbosity(absl_logging.WARNING)
+        log.info("devices: %s (process %d of %d)", jax.devices(), jax.process_index(),
+                 jax.process_count())
+        results = train_and_evaluate(config, FLAGS.workdir)
     if runtime.is_main_process():
         print("final metrics:")
         for k, v in sorted(results.items()):
             print(f"  {k}: {v:.4f}" if isinstance(v, (float, np.floating)) else f"  {k}: {v}")
+    return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    sys.exit(main())

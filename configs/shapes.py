@@ -6,7 +6,8 @@
 A ResNet-18 FPN from scratch (no pretrained weights, so nothing is frozen) on 96..160 px images
 resized to a short side of 96..128 (long side <= 160) in a 160x160 canvas, with fewer proposals
 and sampled RoIs than torchvision's defaults and narrower heads, for speed. Override any value
-on the command line, e.g. `--config.num_train_steps=100 --config.data.batch_size=4`.
+on the command line, e.g. `--config.num_train_steps=100 --config.optimizer.milestones=80` (the
+learning-rate milestones must lie within the run: `maskrcnn_jax.training.config_checks`).
 """
 
 import ml_collections

@@ -20,6 +20,9 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
+from maskrcnn_jax import files
+from maskrcnn_jax.errors import CheckpointError, ConfigError, UsageError
+
 CONFIG_JSON = "config.json"
 VARIABLES_DIR = "variables"
 EXPORTED_STABLEHLO = "inference.stablehlo"
@@ -81,7 +84,8 @@ def restore_train_state(manager, target, model_config: Optional[dict] = None):
     A step that cannot be restored (a damaged or partly deleted folder) is logged with the step
     and the reason, and the previous step is tried. When `model_config` (the requested model
     config as a dict) differs from the one saved with a step, the differing keys are logged; if
-    that step then does not fit `target`, a ValueError lists them instead of Orbax's tree dump.
+    that step's arrays then do not fit `target`, a ConfigError lists them (before any restore,
+    instead of Orbax's tree dump).
     """
     import jax
 
@@ -100,15 +104,16 @@ def restore_train_state(manager, target, model_config: Optional[dict] = None):
             if differences:
                 log.warning("checkpoint step %d was written with another model config:\n  %s",
                             step, "\n  ".join(differences))
+                if not _shapes_fit(manager.directory, step, abstract):
+                    # Told before Orbax tries (and fails) to restore into the wrong shapes,
+                    # which leaves its asynchronous readers failing at interpreter exit.
+                    raise _config_mismatch(manager.directory, step, differences)
         try:
             restored = manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
         except Exception as e:  # Orbax / TensorStore raise many kinds
             if differences:
-                raise ValueError(
-                    f"{manager.directory}: checkpoint step {step} does not fit the requested "
-                    "model config, which differs from the saved one in:\n  "
-                    + "\n  ".join(differences)) from None
+                raise _config_mismatch(manager.directory, step, differences) from None
             reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
             log.warning("checkpoint step %d in %s cannot be restored (%s: %s); trying the "
                         "previous step", step, manager.directory, type(e).__name__, reason)
@@ -118,9 +123,32 @@ def restore_train_state(manager, target, model_config: Optional[dict] = None):
             log.warning("resumed from step %d; steps %s could not be restored", step, failures)
         return restored.state, json.dumps(restored.data).encode(), step
     if failures:
-        raise RuntimeError(f"{manager.directory}: no checkpoint step restores (tried "
-                           f"{failures}); move the folder away to start afresh")
+        raise CheckpointError(f"{manager.directory}: no checkpoint step restores (tried "
+                              f"{failures}); move the folder away to start afresh")
     return None
+
+
+def _config_mismatch(directory, step: int, differences: list[str]) -> ConfigError:
+    return ConfigError(f"{directory}: checkpoint step {step} does not fit the requested model "
+                       "config, which differs from the saved one in:\n  "
+                       + "\n  ".join(differences))
+
+
+def _shapes_fit(directory, step: int, abstract) -> bool:
+    """Whether the arrays saved at `step` have the shapes and dtypes of `abstract`'s leaves
+    (as multisets: Orbax's metadata tree names containers differently from the train state).
+    A step whose metadata cannot be read counts as fitting (its restore reports it)."""
+    import jax
+
+    try:
+        saved = local_restore_target(os.fspath(directory), step)
+    except Exception:  # a damaged step: its restore is tried and reported
+        return True
+
+    def signature(tree):
+        return sorted((tuple(leaf.shape), str(leaf.dtype)) for leaf in jax.tree.leaves(tree))
+
+    return signature(saved) == signature(abstract)
 
 
 def delete_step(manager, step: int):
@@ -148,16 +176,61 @@ def local_restore_target(directory: str, step: int):
 # ------------------------------------------------------------------------------------------------
 
 
-def save_converted(directory, config, variables):
+def save_converted(directory, config, variables, overwrite: bool = False):
     """Write `variables` as an Orbax checkpoint in `directory/variables` and the config as
-    `directory/config.json`."""
+    `directory/config.json` (`check_converted_destination` first: a non-empty folder only with
+    `overwrite`, which replaces these two and nothing else).
+
+    Each is written under a temporary name and renamed into place once complete: an interrupted
+    save leaves the folder as it was."""
+    import shutil
+
     ocp = _ocp()
-    directory = os.path.abspath(directory)
+    check_converted_destination(directory, overwrite)
+    directory = os.path.abspath(os.fspath(directory))
     os.makedirs(directory, exist_ok=True)
+    final = os.path.join(directory, VARIABLES_DIR)
+    temporary = os.path.join(directory, f".{VARIABLES_DIR}.{os.getpid()}.tmp")
+    replaced = os.path.join(directory, f".{VARIABLES_DIR}.{os.getpid()}.old")
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(os.path.join(directory, VARIABLES_DIR), variables, force=True)
-    with open(os.path.join(directory, CONFIG_JSON), "w") as f:
-        json.dump(config.to_dict(), f, indent=2, sort_keys=True)
+        checkpointer.save(temporary, variables, force=True)
+    if os.path.exists(final):  # --overwrite: the previous conversion's variables
+        os.replace(final, replaced)
+    os.replace(temporary, final)
+    shutil.rmtree(replaced, ignore_errors=True)
+    files.write_json(os.path.join(directory, CONFIG_JSON), config.to_dict(), indent=2,
+                     sort_keys=True)
+
+
+def is_train_workdir(directory) -> bool:
+    """Whether `directory` is a train.py workdir (its `checkpoints/` or `metrics.jsonl`)."""
+    return (os.path.isdir(os.path.join(directory, "checkpoints"))
+            or os.path.exists(os.path.join(directory, "metrics.jsonl")))
+
+
+def check_converted_destination(directory, overwrite: bool = False):
+    """Refuse (UsageError naming the folder) a destination where `save_converted` would
+    replace or shadow files it did not write: an existing file; a train.py workdir (a
+    `config.json` there would take precedence over its training checkpoints) or an exported
+    model, even with `overwrite`; any other non-empty folder unless `overwrite`, which then
+    replaces its `config.json` and `variables/` only. Creates nothing."""
+    directory = os.fspath(directory)
+    if not os.path.exists(directory):
+        return
+    if not os.path.isdir(directory):
+        raise UsageError(f"{directory}: exists and is not a folder")
+    if is_train_workdir(directory):
+        raise UsageError(f"{directory} is a train.py workdir: a converted checkpoint there would "
+                         "take the place of its training checkpoints; choose another folder")
+    if os.path.exists(os.path.join(directory, EXPORTED_STABLEHLO)):
+        raise UsageError(f"{directory} holds an exported model ({EXPORTED_STABLEHLO}); choose "
+                         "another folder")
+    entries = sorted(os.listdir(directory))
+    if entries and not overwrite:
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise UsageError(f"{directory} is not empty ({shown}); choose a new or empty folder, or "
+                         f"overwrite (convert.py --overwrite) to replace its {CONFIG_JSON} and "
+                         f"{VARIABLES_DIR}/ only")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -220,8 +293,6 @@ def read_exported(directory):
 def _load_training_checkpoint(directory):
     """(model config, variables, training config dict) of the latest step in a train.py workdir
     (or its `checkpoints/` folder)."""
-    from maskrcnn_jax.config import model_config
-
     ocp = _ocp()
     directory = os.path.abspath(directory)
     if os.path.isdir(os.path.join(directory, "checkpoints")):
@@ -229,31 +300,66 @@ def _load_training_checkpoint(directory):
     with ocp.CheckpointManager(directory) as manager:
         step = manager.latest_step()
         if step is None:
-            raise FileNotFoundError(f"{directory}: no checkpoint steps found")
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(local_restore_target(directory, step)),
-            config=ocp.args.JsonRestore()))
+            raise CheckpointError(f"{directory}: no checkpoint step saved yet (a train.py run "
+                                  "that stopped before its first checkpoint?)")
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(local_restore_target(directory, step)),
+                config=ocp.args.JsonRestore()))
+        except Exception as e:  # Orbax / TensorStore raise many kinds
+            raise CheckpointError(f"{directory}: step {step} cannot be restored: "
+                                  f"{_first_line(e)}") from e
     state, train_config = restored["state"], dict(restored["config"])
     variables = {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
     log.info("restored step %d from %s", step, directory)
-    return model_config(**train_config["model"]), variables, train_config
+    config = _model_config(train_config.get("model"), f"{directory}/{step}/config")
+    return config, variables, train_config
 
 
 def _load_converted(directory):
     """(config, variables) written by `save_converted`."""
-    from maskrcnn_jax.config import model_config
-
     ocp = _ocp()
     directory = os.path.abspath(directory)
     config_path = os.path.join(directory, CONFIG_JSON)
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(
-            f"{config_path}: no config.json; is {directory} a converted checkpoint?")
-    with open(config_path) as f:
-        config = model_config(**json.load(f))
-    with ocp.StandardCheckpointer() as checkpointer:
-        variables = checkpointer.restore(os.path.join(directory, VARIABLES_DIR))
+    variables_path = os.path.join(directory, VARIABLES_DIR)
+    config = _model_config(_read_json(config_path), config_path)
+    if not os.path.isdir(variables_path):
+        raise CheckpointError(f"{variables_path}: missing; {directory} has a {CONFIG_JSON} but no "
+                              "variables (an interrupted conversion?)")
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            variables = checkpointer.restore(variables_path)
+    except Exception as e:  # Orbax / TensorStore raise many kinds
+        raise CheckpointError(f"{variables_path}: cannot be restored: {_first_line(e)}") from e
     return config, variables
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot be read ({e})") from None
+
+
+def _model_config(values, where: str):
+    """`model_config(**values)`, a CheckpointError naming `where` if they do not make one."""
+    from maskrcnn_jax.config import model_config
+
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{where}: expected a JSON object of model settings, got "
+                              f"{type(values).__name__}")
+    try:
+        return model_config(**values)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: not a valid model config: {e}") from None
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:300]}" if text else type(error).__name__
 
 
 # ------------------------------------------------------------------------------------------------
@@ -287,23 +393,40 @@ def load_weights(path, config=None) -> Weights:
         `finetune.adapt_variables` for another class count).
 
     Raises:
-      FileNotFoundError: naming `path` when it does not exist or holds none of these formats
-        (nothing is created).
+      FileNotFoundError: naming `path` when it does not exist (nothing is created).
+      CheckpointError: naming the file or folder when `path` holds none of these formats, or
+        one that cannot be read (invalid JSON, an unknown config key, damaged variables, a
+        truncated `.pth`, both a train.py run and a converted checkpoint).
     """
     path = os.path.expanduser(str(path))
     if os.path.isfile(path) and path.endswith((".pth", ".pt")):
         return _load_state_dict_file(path, config)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such checkpoint directory or .pth file")
-    if os.path.exists(os.path.join(path, EXPORTED_STABLEHLO)):
-        from maskrcnn_jax.config import model_config
-
-        _, variables, values = read_exported(path)
+    has = {name: os.path.exists(os.path.join(path, name))
+           for name in (EXPORTED_STABLEHLO, CONFIG_JSON, "checkpoints")}
+    if has[EXPORTED_STABLEHLO]:
+        _, variables, values = _read_exported_checked(path)
         values = {k: v for k, v in values.items() if k != "export_batch_size"}
-        return Weights(model_config(**values), variables, None)
-    if os.path.exists(os.path.join(path, CONFIG_JSON)):
+        return Weights(_model_config(values, os.path.join(path, CONFIG_JSON)), variables, None)
+    if has[CONFIG_JSON] and has["checkpoints"]:
+        raise CheckpointError(
+            f"{path} holds both a train.py run (checkpoints/) and a converted checkpoint "
+            f"({CONFIG_JSON}, {VARIABLES_DIR}/): move one of them to a folder of its own")
+    if has[CONFIG_JSON]:
         return Weights(*_load_converted(path), None)
-    return Weights(*_load_training_checkpoint(path))
+    if has["checkpoints"] or any(name.isdigit() for name in os.listdir(path)):
+        return Weights(*_load_training_checkpoint(path))
+    raise CheckpointError(
+        f"{path}: not a checkpoint: no {CONFIG_JSON} (convert.py), checkpoints/ (a train.py "
+        f"workdir) or {EXPORTED_STABLEHLO} (an exported model)")
+
+
+def _read_exported_checked(path):
+    try:
+        return read_exported(path)
+    except (OSError, ValueError) as e:  # a missing file, bad JSON, a damaged npz
+        raise CheckpointError(f"{path}: exported model cannot be read: {_first_line(e)}") from e
 
 
 def _load_state_dict_file(path: str, config) -> Weights:
@@ -315,8 +438,12 @@ def _load_state_dict_file(path: str, config) -> Weights:
     )
 
     state_dict = load_state_dict(path)
-    if not any(k.startswith("backbone.") for k in state_dict):  # an ImageNet classifier
-        backbone = backbone_from_torchvision_resnet(state_dict)
-        return Weights(None, {k: {"backbone": v} for k, v in backbone.items()}, None)
-    eps = STATIC_DEFAULTS["frozen_bn_eps"] if config is None else config.frozen_bn_eps
-    return Weights(*from_torchvision(state_dict, frozen_bn_eps=eps), None)
+    try:
+        if not any(k.startswith("backbone.") for k in state_dict):  # an ImageNet classifier
+            backbone = backbone_from_torchvision_resnet(state_dict)
+            return Weights(None, {k: {"backbone": v} for k, v in backbone.items()}, None)
+        eps = STATIC_DEFAULTS["frozen_bn_eps"] if config is None else config.frozen_bn_eps
+        return Weights(*from_torchvision(state_dict, frozen_bn_eps=eps), None)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a torchvision Mask R-CNN or ResNet state dict: "
+                              f"{_first_line(e)}") from e

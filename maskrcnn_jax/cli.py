@@ -7,14 +7,73 @@ registry; `train.py` keeps the global one for `ml_collections.config_flags`. Eve
 on JAX's persistent compilation cache (`--compilation_cache_dir`, 'none' for off); the tools
 that run on devices take the same multi-process flags (`define_runtime_flags`) and start the
 runtime with `start_runtime` before anything touches a device.
+
+Errors a user can fix are one line on stderr, `<program>: <message>`, naming the flag, key, file
+or image (`reporting`): exit status 2 for a usage error (a bad flag, config value or output
+folder: `errors.UsageError`), 1 for a run that failed on its input (a checkpoint, data set or
+image that cannot be used: `errors.InputError`, a non-finite loss). Any other exception is an
+internal error and keeps its traceback; `--verbose` shows the traceback of every error.
 """
 
+import contextlib
 import os
+import re
 import sys
 import textwrap
+import traceback
 from typing import Optional, Sequence
 
 from absl import flags
+
+from maskrcnn_jax import errors
+
+USAGE_ERROR = 2
+RUN_FAILED = 1
+
+
+class Exit(SystemExit):
+    """Ends a tool with `code` after its one-line `message` was printed to stderr; `str()` is
+    the message (what tests match)."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(code)
+        self.message = message
+
+    def __str__(self):
+        return self.message
+
+
+def fail(program: str, message: str, code: int = USAGE_ERROR):
+    """Print `<program>: <message>` on stderr as one line (a message's own lines, such as a
+    list of differing keys, joined by '; ') and raise `Exit(code)`."""
+    message = "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
+    print(f"{program}: {message}", file=sys.stderr, flush=True)
+    raise Exit(code, message)
+
+
+# Errors of a run on its input that are reported in one line (exit 1), besides InputError.
+_RUN_ERRORS = (errors.InputError, FloatingPointError)
+
+
+@contextlib.contextmanager
+def reporting(program: str, verbose: bool = False):
+    """Reports the errors a user can fix in one line and exits (`fail`): `errors.UsageError`
+    with status 2; `errors.InputError` (a checkpoint, data set or image; the COCO reader's
+    `CocoFormatError` is one) and FloatingPointError (a diverged training run) with 1. With
+    `verbose` their traceback is printed first. Other exceptions pass through with their
+    traceback."""
+    try:
+        yield
+    except errors.UsageError as e:
+        _report(program, e, USAGE_ERROR, verbose)
+    except _RUN_ERRORS as e:
+        _report(program, e, RUN_FAILED, verbose)
+
+
+def _report(program, error, code, verbose):
+    if verbose:
+        traceback.print_exc()
+    fail(program, str(error), code)
 
 
 def parse(flag_values: flags.FlagValues, argv: Optional[Sequence[str]], doc: str,
@@ -22,18 +81,44 @@ def parse(flag_values: flags.FlagValues, argv: Optional[Sequence[str]], doc: str
     """Parse `argv` (without the program name; None: `sys.argv[1:]`) into `flag_values`.
 
     Returns the positional arguments. `--help` prints `doc` and every flag's help, then exits
-    0; an unknown flag or a bad value exits 2 with the message and a pointer to `--help`.
+    0; an unknown flag, a bad value, an unknown config key or a config file that does not load
+    (`ml_collections.config_flags`) exits 2 with one line naming it.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("--help", "-h", "--helpshort", "--helpfull") for a in argv):
-        print(textwrap.dedent(doc).strip() + "\n\nflags:\n" + flag_values.get_help(), flush=True)
+        print(textwrap.dedent(doc).strip() + "\n\nflags:\n" + _flags_help(flag_values, program),
+              flush=True)
         raise SystemExit(0)
     flag_values.unparse_flags()
     try:
         return flag_values([program, *argv])[1:]
     except flags.Error as e:
-        print(f"{program}: {e}\nsee {program} --help", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        fail(program, f"{e} (see {program} --help)")
+    except (AttributeError, KeyError) as e:  # config_flags: an override of an unknown key
+        fail(program, _unknown_config_key(e, argv))
+    except OSError as e:  # config_flags: the config file does not load
+        fail(program, "--config: " + " ".join(str(e).split("\n")[-1].split()))
+
+
+def _flags_help(flag_values: flags.FlagValues, program: str) -> str:
+    """The help of the tool's own flags (absl's global registry also holds every library's)."""
+    if flag_values is flags.FLAGS:
+        return flag_values.main_module_help() if program.endswith(".py") else ""
+    return flag_values.get_help()
+
+
+def _unknown_config_key(error: Exception, argv: Sequence[str]) -> str:
+    """One line for config_flags' error on `--config.a.b=v` with an unknown key: the argument,
+    the key and ml_collections' suggestion."""
+    text = str(error).replace("\\n", " ").replace("\\'", "'")
+    key = next(iter(re.findall(r"'(\w+)'", text)), None)
+    suggestion = re.search(r'Did you mean "(\w+)"', text)
+    argument = next((a.split("=")[0] for a in argv
+                     if key and re.match(rf"--\w+(\.\w+)*\.{re.escape(key)}(=|$)", a)), None)
+    message = f"{argument or 'a --config override'}: unknown config key {key!r}"
+    if suggestion:
+        message += f" (did you mean {suggestion.group(1)!r}?)"
+    return message
 
 
 def default_cache_dir() -> str:
@@ -54,10 +139,17 @@ def define_compilation_cache_flag(flag_values: flags.FlagValues = flags.FLAGS,
         module_name=module_name)
 
 
+def define_verbose_flag(flag_values: flags.FlagValues = flags.FLAGS,
+                        module_name: Optional[str] = None):
+    """`--verbose`: show the traceback of an error reported in one line (`reporting`)."""
+    flags.DEFINE_bool("verbose", False, "print the traceback of an error, not only its "
+                      "one-line message", flag_values=flag_values, module_name=module_name)
+
+
 def define_runtime_flags(flag_values: flags.FlagValues = flags.FLAGS,
                          module_name: Optional[str] = None):
     """The multi-process flags (`--coordinator_address`, `--num_processes`, `--process_id`,
-    `--distributed`) and `--compilation_cache_dir` on `flag_values`."""
+    `--distributed`), `--compilation_cache_dir` and `--verbose` on `flag_values`."""
     flags.DEFINE_string(
         "coordinator_address", None, "host:port of process 0 for a multi-process run started "
         "by hand (with --num_processes and --process_id; every process runs the same command)",
@@ -71,6 +163,7 @@ def define_runtime_flags(flag_values: flags.FlagValues = flags.FLAGS,
         "jax.distributed.initialize() (Cloud TPU pod slices, SLURM, Open MPI, ...)",
         flag_values=flag_values, module_name=module_name)
     define_compilation_cache_flag(flag_values, module_name=module_name)
+    define_verbose_flag(flag_values, module_name=module_name)
 
 
 def start_runtime(flag_values: flags.FlagValues, program: str, auto: bool = False):
@@ -84,9 +177,8 @@ def start_runtime(flag_values: flags.FlagValues, program: str, auto: bool = Fals
         runtime.initialize(auto or flag_values.distributed, flag_values.coordinator_address,
                            flag_values.num_processes, flag_values.process_id)
     except ValueError as e:
-        print(f"{program}: {e}: give all three flags --coordinator_address, --num_processes, "
-              "--process_id, or none", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        fail(program, f"{e}: give all three flags --coordinator_address, --num_processes, "
+             "--process_id, or none")
 
 
 def enable_compilation_cache(directory: Optional[str]):

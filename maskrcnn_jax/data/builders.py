@@ -7,6 +7,12 @@ PIL on read; only encoding a NumPy image would need TF). The category table
 `[{'id', 'name', 'label'}]` is stored in the builder's metadata (`metadata.json` next to the
 data) so evaluation can map contiguous labels back to category ids and names.
 
+`coco_instances` is keyed by its source: each COCO folder (its real path, and the name, size and
+modification time of its annotation files) is built into a data set of its own under
+`data_dir/coco_instances/<folder name>_<fingerprint>/` (`coco_config`), so another folder, or
+edited annotations, never read the data built from an earlier one. Without `manual_dir` the one
+data set built under `data_dir` is read, and several are an error naming their folders.
+
 `coco_instances` is tolerant by default: defective images / annotations
 (`coco_defects.DEFECT_KINDS`) are skipped, and the build logs a summary per split (counts per
 kind, the first ids of each) that is also stored in the metadata:
@@ -20,8 +26,11 @@ Records: see `coco.RECORD_FIELDS`. Entry points: `load(...)`, `categories(source
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
+import json
 import logging
 import os
+import re
 from typing import Optional, Union
 
 import numpy as np
@@ -29,6 +38,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from maskrcnn_jax.data import coco, coco_defects, shapes
+from maskrcnn_jax.errors import InputError, UsageError
 
 # TFDS derives a builder's code path through `importlib_resources` (not installed) for classes in
 # packages; both builders live here and have no checksums or metadata files beside them.
@@ -56,9 +66,57 @@ def record_features() -> tfds.features.FeaturesDict:
     })
 
 
+@dataclasses.dataclass
+class CocoConfig(tfds.core.BuilderConfig):
+    """The COCO folder a `coco_instances` data set is built from (`coco_config`)."""
+
+    manual_dir: str = ""
+    annotation_files: tuple = ()  # ((path relative to manual_dir, size, mtime_ns), ...)
+
+
+def coco_config(manual_dir: str) -> CocoConfig:
+    """The builder config of a COCO folder, named `<folder name>_<fingerprint>`: the
+    fingerprint hashes the folder's real path and the name, size and modification time of each
+    `annotations/instances_*.json`, so that another folder or changed annotations build their
+    own data set.
+
+    Raises:
+      UsageError: `manual_dir` is not a folder. CocoFormatError: it has no annotation files.
+    """
+    folder = os.path.realpath(os.path.expanduser(manual_dir))
+    if not os.path.isdir(folder):
+        raise UsageError(f"manual_dir {manual_dir}: no such folder (the COCO folder of "
+                         "coco_instances)")
+    stamps = []
+    for annotation_file, _ in sorted(coco.find_annotation_files(folder).values()):
+        stat = os.stat(annotation_file)
+        stamps.append((os.path.relpath(annotation_file, folder), stat.st_size, stat.st_mtime_ns))
+    digest = hashlib.sha256(json.dumps([folder, stamps]).encode()).hexdigest()[:16]
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", os.path.basename(folder)).strip("_")[:40] or "coco"
+    return CocoConfig(name=f"{slug}_{digest}", description=f"the COCO folder {folder}",
+                      manual_dir=folder, annotation_files=tuple(stamps))
+
+
+def built_coco_sets(data_dir: str) -> dict[str, str]:
+    """`{config name: source COCO folder}` of the `coco_instances` data sets built under
+    `data_dir` (the folder as recorded when it was built)."""
+    root = os.path.join(os.path.expanduser(data_dir), CocoInstances.name)
+    found = {}
+    for name in sorted(os.listdir(root) if os.path.isdir(root) else []):
+        version = os.path.join(root, name, str(CocoInstances.VERSION))
+        if os.path.exists(os.path.join(version, "dataset_info.json")):
+            try:
+                with open(os.path.join(version, "metadata.json")) as f:
+                    found[name] = json.load(f)["source"]["manual_dir"]
+            except (OSError, KeyError, TypeError, ValueError):
+                found[name] = "(unknown folder)"
+    return found
+
+
 class CocoInstances(tfds.core.GeneratorBasedBuilder):
     """A local COCO-format folder (`manual_dir`), one split per `annotations/instances_*.json`
-    (`train*` -> 'train', `val*` -> 'validation'). Nothing is downloaded."""
+    (`train*` -> 'train', `val*` -> 'validation'). Nothing is downloaded. One data set per
+    folder and annotation files (`coco_config`)."""
 
     VERSION = tfds.core.Version("1.0.0")
     code_path = _CODE_PATH
@@ -85,6 +143,9 @@ class CocoInstances(tfds.core.GeneratorBasedBuilder):
             os.fspath(dl_manager.manual_dir))
         self.info.metadata["categories"] = categories
         self.info.metadata["defects"] = {}
+        self.info.metadata["source"] = {
+            "manual_dir": os.fspath(dl_manager.manual_dir),
+            "annotation_files": [list(a) for a in self.builder_config.annotation_files]}
         return {name: self._generate_examples(name, ann, images, categories)
                 for name, (ann, images) in splits.items()}
 
@@ -153,17 +214,23 @@ BUILDERS = {"coco_instances": CocoInstances, "shapes": Shapes}
 
 
 def builder(name: str, data_dir: str,
-            config: Optional[Union[str, tfds.core.BuilderConfig]] = None, strict: bool = False):
+            config: Optional[Union[str, tfds.core.BuilderConfig]] = None, strict: bool = False,
+            manual_dir: Optional[str] = None):
     """The builder `name` ('coco_instances' or 'shapes') over `data_dir` (not built yet).
 
-    `strict` (coco_instances; shapes has no defects to find): building raises
-    `coco_defects.CocoFormatError` at the first defect instead of skipping it.
+    coco_instances: its config is `coco_config(manual_dir)`; without `manual_dir`, the one data
+    set built under `data_dir` (a UsageError when there is none or several). `strict` (shapes
+    has no defects to find): building raises `coco_defects.CocoFormatError` at the first defect
+    instead of skipping it.
     """
     if name not in BUILDERS:
-        raise ValueError(f"unknown data set {name!r}; known: {sorted(BUILDERS)}")
+        raise UsageError(f"unknown data set {name!r}; known: {sorted(BUILDERS)}")
     kwargs = {"config": config} if config is not None else {}
     if name == "coco_instances":
         kwargs["strict"] = strict
+        if config is None:
+            kwargs["config"] = (coco_config(manual_dir) if manual_dir
+                                else _the_built_coco_set(data_dir))
     return BUILDERS[name](data_dir=data_dir, file_format="array_record", **kwargs)
 
 
@@ -175,7 +242,9 @@ def load(name: str, data_dir: str, split: str, manual_dir: Optional[str] = None,
       name: 'shapes' or 'coco_instances'.
       data_dir: where TFDS keeps the built data.
       split: e.g. 'train', 'validation' (TFDS slicing such as 'train[:10]' works).
-      manual_dir: the COCO folder (coco_instances only).
+      manual_dir: the COCO folder (coco_instances only): each folder (and version of its
+        annotation files) is built into its own data set under `data_dir`; None reads the one
+        built there (a UsageError when there is none or several).
       config: a builder config (e.g. `shapes_config(num_train=100)`) or its name.
       strict: coco_instances: building raises `coco_defects.CocoFormatError` at the first
         defect (naming the file, the image / annotation id and the field) instead of skipping
@@ -184,20 +253,22 @@ def load(name: str, data_dir: str, split: str, manual_dir: Optional[str] = None,
     Returns:
       A TFDS `ArrayRecordDataSource`: `len()`, `source[i]` -> record dict (image decoded to a
       `(H, W, 3)` uint8 array), `source.dataset_info.metadata['categories']` (and, for
-      coco_instances, `['defects']`: see `defects`).
+      coco_instances, `['defects']`: see `defects`, and `['source']`: the folder).
+
+    Raises:
+      UsageError: an unknown data set or split (naming the splits there), no such
+        `manual_dir`. InputError: a split selection without records.
     """
-    b = builder(name, data_dir, config, strict=strict)
+    b = builder(name, data_dir, config, strict=strict, manual_dir=manual_dir)
     if not b.is_prepared():
-        if name == "coco_instances" and manual_dir is None:
-            raise ValueError("coco_instances needs manual_dir (the COCO folder)")
         # One builder at a time per data_dir: the processes of a multi-process run (or two
         # runs) that find the data missing wait for the first to build it, then read it.
         with _exclusive(os.path.join(os.path.expanduser(data_dir), f".{name}.lock")):
-            b = builder(name, data_dir, config, strict=strict)
+            b = builder(name, data_dir, b.builder_config, strict=strict)
             if not b.is_prepared():
                 logging.info("building %s into %s", b.name, b.data_dir)
                 b.download_and_prepare(download_config=tfds.download.DownloadConfig(
-                    manual_dir=manual_dir))
+                    manual_dir=getattr(b.builder_config, "manual_dir", None) or manual_dir))
     elif strict and name == "coco_instances":
         found = {s: d for s, d in (b.info.metadata.get("defects") or {}).items() if d["kinds"]}
         if found:
@@ -205,7 +276,29 @@ def load(name: str, data_dir: str, split: str, manual_dir: Optional[str] = None,
                 f"{b.data_dir}: built earlier (tolerant) with defects; delete it to rebuild "
                 "strictly:\n" + "\n".join(coco_defects.format_defect_summary(s, d)
                                           for s, d in found.items()))
-    return b.as_data_source(split=split)
+    try:
+        return b.as_data_source(split=split)
+    except ValueError as e:
+        if "Unknown split" in str(e):
+            raise UsageError(f"split {split!r}: the {name} data set in {b.data_dir} has the "
+                             f"splits {sorted(b.info.splits.keys())}") from None
+        raise InputError(f"split {split!r} of {b.data_dir} cannot be read (no records "
+                         f"selected?): {e}") from None
+
+
+def _the_built_coco_set(data_dir: str) -> CocoConfig:
+    """The config of the one coco_instances data set built under `data_dir`."""
+    built = built_coco_sets(data_dir)
+    if len(built) != 1:
+        listed = "; ".join(f"{folder} ({name})" for name, folder in built.items())
+        raise UsageError(
+            "coco_instances needs manual_dir (the COCO folder): "
+            + (f"{data_dir} holds data sets built from several folders: {listed}" if built
+               else f"no coco_instances data set is built under {data_dir} yet"))
+    (name, folder), = built.items()
+    logging.info("coco_instances: no manual_dir given, reading the data set built from %s",
+                 folder)
+    return CocoConfig(name=name, description=f"the COCO folder {folder}", manual_dir=folder)
 
 
 @contextlib.contextmanager

@@ -10,8 +10,10 @@ raises `CocoFormatError` naming the file, the image / annotation id and the fiel
 
 from typing import Any, Mapping, Optional
 
+from maskrcnn_jax.errors import InputError
 
-class CocoFormatError(ValueError):
+
+class CocoFormatError(InputError):
     """Malformed COCO input; the message names the file and the image / annotation id.
 
     Attributes (None where not applicable): `kind` (a defect kind, see `DEFECT_KINDS`), `file`

@@ -2,14 +2,18 @@
 
 PIL's `convert('RGB')` is right for most modes but clips 16-bit grayscale at 255 (a 16-bit
 image turns near-white); `to_rgb` scales it instead. `read_rgb` gives the decoded array
-(predict, convert); `encoded_rgb_image` the encoded bytes a COCO record stores, re-encoded only
-when the file is not 8-bit RGB already.
+(predict, convert; optionally turned upright by its EXIF orientation, and refused above a pixel
+count before decoding); `encoded_rgb_image` the encoded bytes a COCO record stores, re-encoded
+only when the file is not 8-bit RGB already (the stored pixels, no EXIF orientation applied, as
+torchvision's reference pipeline reads COCO).
 """
 
 import io
+import warnings
+from typing import Optional
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from maskrcnn_jax.data.coco_defects import (
     IMAGE_CORRUPT,
@@ -18,6 +22,7 @@ from maskrcnn_jax.data.coco_defects import (
     CocoFormatError,
     Defect,
 )
+from maskrcnn_jax.errors import ImageError
 
 
 def _gray16_to_rgb(image: Image.Image) -> Image.Image:
@@ -48,19 +53,42 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def read_rgb(path) -> np.ndarray:
+def read_rgb(path, exif_transpose: bool = False,
+             max_pixels: Optional[int] = None) -> np.ndarray:
     """The image file at `path` as a `(H, W, 3)` uint8 RGB array (see `to_rgb`).
 
+    Args:
+      path: an image file PIL reads.
+      exif_transpose: apply the file's EXIF orientation tag (a phone photo stored sideways
+        comes out upright, as a viewer shows it). False (the default, as torchvision's
+        `decode_image` and PIL): the stored pixels.
+      max_pixels: refuse an image of more pixels (height x width), read from its header before
+        anything is decoded. PIL's own limit (twice `PIL.Image.MAX_IMAGE_PIXELS`) applies too.
+
     Raises:
-      ValueError: naming the path, when the file is missing, cannot be decoded (truncated,
-        not an image) or has no RGB conversion.
+      ImageError: naming the path, when the file is missing, cannot be decoded (truncated,
+        not an image), has no RGB conversion or is too large.
     """
     try:
-        with Image.open(path) as image:
-            image.load()  # decodes fully: truncated files fail here
-            return np.asarray(to_rgb(image))
+        with warnings.catch_warnings():  # its size is checked below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"too large: {e}", path=path) from e
     except Exception as e:  # PIL raises assorted errors on unreadable files
-        raise ValueError(f"{path}: cannot read image: {e}") from e
+        raise ImageError(f"cannot read image: {e}", path=path) from e
+    with image:
+        width, height = image.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise ImageError(f"too large: {width}x{height} = {width * height:,} pixels, above "
+                             f"the limit of {int(max_pixels):,} (max_pixels)", path=path)
+        try:
+            image.load()  # decodes fully: truncated files fail here
+            if exif_transpose:
+                ImageOps.exif_transpose(image, in_place=True)
+            return np.asarray(to_rgb(image))
+        except Exception as e:  # PIL raises assorted errors on unreadable files
+            raise ImageError(f"cannot read image: {e}", path=path) from e
 
 
 def _png_bit_depth(data: bytes) -> int:

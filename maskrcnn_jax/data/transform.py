@@ -11,6 +11,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from maskrcnn_jax.errors import ImageError
 
 
 class Batch(NamedTuple):
@@ -59,10 +60,18 @@ def _source_index(in_size: int, out_size: int):
     return i0, i1, np.float32(1.0) - l1, l1
 
 
-def bilinear_resize(array: np.ndarray, out_height: int, out_width: int) -> np.ndarray:
+def bilinear_resize(array: np.ndarray, out_height: int, out_width: int,
+                    elementwise=None) -> np.ndarray:
     """torch's CPU `F.interpolate(mode='bilinear', align_corners=False)` of a `(H, W)` or
-    `(H, W, C)` float32 array (multi-threaded torch's kernel choice, see `ops/resize.py`)."""
-    array = np.asarray(array, np.float32)
+    `(H, W, C)` float32 array (multi-threaded torch's kernel choice, see `ops/resize.py`).
+
+    `elementwise`: a per-element function to float32 (e.g. the normalisation of uint8 pixels),
+    applied to the source values the interpolation reads: the result equals
+    `bilinear_resize(elementwise(array), ...)` exactly, without the full-size array of
+    `elementwise(array)` (for a large photo, several times the decoded image)."""
+    if elementwise is None:
+        array = np.asarray(array, np.float32)
+        elementwise = _identity
     h0, h1, hl0, hl1 = _source_index(array.shape[0], out_height)
     w0, w1, wl0, wl1 = _source_index(array.shape[1], out_width)
     trailing = (None,) * (array.ndim - 2)
@@ -70,14 +79,19 @@ def bilinear_resize(array: np.ndarray, out_height: int, out_width: int) -> np.nd
     wl0, wl1 = (v[(None, slice(None)) + trailing] for v in (wl0, wl1))
     if out_height + out_width <= _CHANNELS_LAST_MAX_OUTPUT_SUM:
         row0, row1 = array[h0], array[h1]
-        a, b, c, d = row0[:, w0], row0[:, w1], row1[:, w0], row1[:, w1]
+        a, b, c, d = (elementwise(v) for v in (row0[:, w0], row0[:, w1], row1[:, w0],
+                                               row1[:, w1]))
         w00, w01, w10, w11 = hl0 * wl0, hl0 * wl1, hl1 * wl0, hl1 * wl1
         return _fma(d, w11, _fma(c, w10, _fma(a, w00, b * w01)))
     # Separable: each output row interpolates two source rows along x, then the pair along y.
     # Along x once per source row (the same arithmetic, on in_height rows instead of twice
     # out_height): an upsampled mask costs one pass over its output pixels.
-    along_x = _fma(array[:, w0], wl0, array[:, w1] * wl1)
+    along_x = _fma(elementwise(array[:, w0]), wl0, elementwise(array[:, w1]) * wl1)
     return _fma(along_x[h0], hl0, along_x[h1] * hl1)
+
+
+def _identity(values):
+    return values
 
 
 def padded_size(image: np.ndarray, config, index: int = 0,
@@ -86,21 +100,21 @@ def padded_size(image: np.ndarray, config, index: int = 0,
     rounded up to `size_divisible`.
 
     Raises:
-      ValueError: naming the image's `index`, for a wrong shape or dtype, or a side that
-        resizes to 0 pixels (e.g. 1x1000 at min_size 800 / max_size 1333).
+      ImageError (a ValueError): naming the image's `index`, for a wrong shape or dtype, or a
+        side that resizes to 0 pixels (e.g. 1x1000 at min_size 800 / max_size 1333).
     """
     min_size = int(config.min_size if min_size is None else min_size)
     if image.ndim != 3 or image.shape[-1] != 3 or image.shape[0] < 1 or image.shape[1] < 1:
-        raise ValueError(f"image {index}: expected an (H, W, 3) RGB array, got shape {image.shape}")
+        raise ImageError(f"expected an (H, W, 3) RGB array, got shape {image.shape}", index)
     if image.dtype != np.uint8:
-        raise ValueError(f"image {index}: expected dtype uint8, got {image.dtype}")
+        raise ImageError(f"expected dtype uint8, got {image.dtype}", index)
     h, w = image.shape[:2]
     (out_h, out_w), pad = padded_size_of(h, w, config, min_size)
     if out_h < 1 or out_w < 1:
-        raise ValueError(
-            f"image {index}: size {h}x{w} resizes to {out_h}x{out_w} (min_size {min_size}, "
-            f"max_size {config.max_size}): a side of 0 pixels; crop or pad the image to a less "
-            "extreme aspect ratio")
+        raise ImageError(
+            f"size {h}x{w} resizes to {out_h}x{out_w} (min_size {min_size}, max_size "
+            f"{config.max_size}): a side of 0 pixels; crop or pad the image to a less extreme "
+            "aspect ratio", index)
     return (out_h, out_w), pad
 
 
@@ -121,9 +135,9 @@ def preprocess(images: Sequence[np.ndarray], config, indices: Sequence[int] | No
     `config.canvas_size` (a canvas bucket).
 
     Raises:
-      ValueError: naming the image's index (`indices[k]`, its index in the caller's list;
-        default its position in `images`), for a wrong shape/dtype, a side that resizes to 0
-        pixels or a resized image that does not fit the canvas.
+      ImageError (a ValueError): naming the image's index (`indices[k]`, its index in the
+        caller's list; default its position in `images`), for a wrong shape/dtype, a side that
+        resizes to 0 pixels or a resized image that does not fit the canvas.
     """
     canvas_h, canvas_w = tuple(canvas_size or config.canvas_size)
     mean = np.asarray(config.image_mean, np.float32)
@@ -136,11 +150,14 @@ def preprocess(images: Sequence[np.ndarray], config, indices: Sequence[int] | No
         (out_h, out_w), (pad_h, pad_w) = padded_size(image, config, i, min_size)
         h, w = image.shape[:2]
         if pad_h > canvas_h or pad_w > canvas_w:
-            raise ValueError(
-                f"image {i}: size {h}x{w} resizes to {out_h}x{out_w} (padded {pad_h}x{pad_w}), "
-                f"which does not fit the canvas {canvas_h}x{canvas_w}; raise config.canvas_size")
-        normalized = (image.astype(np.float32) / np.float32(255.0) - mean) / std
-        batch[k, :out_h, :out_w] = bilinear_resize(normalized, out_h, out_w)
+            raise ImageError(
+                f"size {h}x{w} resizes to {out_h}x{out_w} (padded {pad_h}x{pad_w}), which does "
+                f"not fit the canvas {canvas_h}x{canvas_w}; raise config.canvas_size", i)
+
+        def normalize(pixels):  # elementwise: applied to the pixels the resize reads only
+            return (pixels.astype(np.float32) / np.float32(255.0) - mean) / std
+
+        batch[k, :out_h, :out_w] = bilinear_resize(image, out_h, out_w, elementwise=normalize)
         image_sizes.append((out_h, out_w))
         padded_sizes.append((pad_h, pad_w))
         original_sizes.append((h, w))

@@ -18,7 +18,6 @@ pasted within its box's extent only, `coco_results.pasted_mask_rles`, never as a
 array) and converted to COCO results as torchvision's reference `coco_eval.py` does.
 """
 
-import json
 import logging
 import os
 from typing import Optional
@@ -27,7 +26,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from maskrcnn_jax import runtime
+from maskrcnn_jax import files, runtime
 from maskrcnn_jax.data.transform import resize_boxes
 from maskrcnn_jax.inference.coco_results import (
     COCO_BACKENDS,
@@ -38,6 +37,7 @@ from maskrcnn_jax.inference.coco_results import (
     label_to_category_map,
     pasted_mask_rles,
 )
+from maskrcnn_jax.errors import InputError
 from maskrcnn_jax.inference.runner import compiled_detector, run_pipelined
 from maskrcnn_jax.models.maskrcnn import frozen
 
@@ -78,8 +78,9 @@ def evaluate(model_config, variables, source, *, batch_size: int = 8,
       batch_size: images per device per compiled call: a call takes `batch_size` x the
         number of devices images (the last batches are padded with masked images).
       workdir: if given, `detections.json` (COCO results) and `metrics.json` are written there
-        (by process 0).
-      max_images: evaluate the first `max_images` images only.
+        (by process 0), each whole or not at all, after the evaluation succeeded: a failed
+        run leaves the files of an earlier one as they were.
+      max_images: evaluate the first `max_images` (>= 1) images only.
       progress: show a tqdm progress bar (process 0) and print pycocotools' summaries.
       mesh: a 1-D `('data',)` mesh (default `runtime.data_mesh()`: every device of every
         process).
@@ -89,6 +90,10 @@ def evaluate(model_config, variables, source, *, batch_size: int = 8,
     Returns:
       `{'bbox/AP': ..., 'bbox/AP50': ..., ..., 'segm/ARl': ...}`: the 12 `COCOeval` stats of
       each IoU type as floats in 0..1 (-1 where pycocotools has nothing to average).
+
+    Raises:
+      ValueError: `batch_size` or `max_images` < 1, an unknown `coco_backend`.
+      InputError: `source` has no images (nothing evaluated, nothing written).
     """
     import grain
     from tqdm import tqdm
@@ -97,6 +102,8 @@ def evaluate(model_config, variables, source, *, batch_size: int = 8,
 
     if batch_size < 1:
         raise ValueError(f"batch_size (images per device) must be >= 1, got {batch_size}")
+    if max_images is not None and max_images < 1:
+        raise ValueError(f"max_images must be >= 1, got {max_images}")
     if coco_backend not in COCO_BACKENDS:  # before the long inference, not after it
         raise ValueError(f"coco_backend {coco_backend!r}: choose from {COCO_BACKENDS}")
     config = frozen(model_config)
@@ -109,6 +116,8 @@ def evaluate(model_config, variables, source, *, batch_size: int = 8,
     label_to_category = label_to_category_map(builders.categories(source))
     data = source if max_images is None else _FirstImages(source, max_images)
     num_images = len(data)
+    if num_images == 0:  # COCOeval would report -1 everywhere, as if that were a result
+        raise InputError("the data set split to evaluate has no images")
     # Every process plans the same buckets from the records' sizes (no image decoded), then
     # reads its share of each bucket: the same batches per bucket on every process.
     split_ids, sizes = builders.image_ids_and_sizes(source, num_images)
@@ -164,11 +173,10 @@ def evaluate(model_config, variables, source, *, batch_size: int = 8,
                  len(all_results), metrics["bbox/AP"], metrics["segm/AP"])
         if workdir is not None:
             os.makedirs(workdir, exist_ok=True)
-            with open(os.path.join(workdir, "detections.json"), "w") as f:
-                json.dump(all_results, f)
-            with open(os.path.join(workdir, "metrics.json"), "w") as f:
-                json.dump({**metrics, "num_images": len(all_ids),
-                           "num_detections": len(all_results)}, f, indent=2, sort_keys=True)
+            files.write_json(os.path.join(workdir, "detections.json"), all_results)
+            files.write_json(os.path.join(workdir, "metrics.json"),
+                             {**metrics, "num_images": len(all_ids),
+                              "num_detections": len(all_results)}, indent=2, sort_keys=True)
     return runtime.broadcast_from_process_zero(metrics, keys)
 
 

@@ -58,16 +58,28 @@ class Predictor:
         self.variables = runtime.replicate(variables, self.mesh)
         self._forward = compiled_detector(self.config, self.mesh)
 
-    def __call__(self, images: Sequence[np.ndarray]) -> list[dict]:
-        """Detect objects in uint8 `(H, W, 3)` RGB images.
+    def __call__(self, images: Sequence[np.ndarray], paste_masks: bool = True) -> list[dict]:
+        """Detect objects in uint8 `(H, W, 3)` RGB images, taken as given (as torchvision: no
+        EXIF orientation is applied to an array; `data.images.read_rgb(path,
+        exif_transpose=True)` reads a file upright).
+
+        Args:
+          images: the images, any sizes.
+          paste_masks: False: each detection's `mask_probs (M, M)` on its box instead of
+            `masks` pasted into the full image (`runner.detect_in_batches`): what a large
+            image needs (predict.py).
 
         Returns:
           One dict per image, as torchvision's `maskrcnn_resnet50_fpn` in eval mode:
           `boxes (N, 4)` float32 `(x1, y1, x2, y2)` in original-image pixels, `scores (N,)`
           float32 in decreasing order, `labels (N,)` int64 (1-based), `masks (N, 1, H, W)`
-          float32 probabilities.
+          float32 probabilities (or `mask_probs (N, M, M)`, see `paste_masks`).
+
+        Raises:
+          ImageError (a ValueError): naming the image's index, for a bad array or a size that
+            fits no canvas.
         """
         forward = self._forward if self._programs is None else functools.partial(
             self._programs.run, self._forward, self.config, self.mesh)
         return detect_in_batches(images, self.config, self.batch_size, functools.partial(
-            forward, self.variables))
+            forward, self.variables), paste_masks=paste_masks)

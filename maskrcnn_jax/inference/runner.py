@@ -12,7 +12,9 @@ from jax.sharding import Mesh
 
 from maskrcnn_jax import runtime
 from maskrcnn_jax.canvas import bucket_for, canvases
-from maskrcnn_jax.data.transform import padded_size, paste_masks, preprocess, resize_boxes
+from maskrcnn_jax.data import transform
+from maskrcnn_jax.data.transform import padded_size, preprocess, resize_boxes
+from maskrcnn_jax.errors import ImageError
 from maskrcnn_jax.models.maskrcnn import MaskRCNN, frozen
 
 
@@ -42,7 +44,7 @@ def run_pipelined(batches: Iterable, forward: Callable, finish: Callable):
 
 
 def detect_in_batches(images: Sequence[np.ndarray], config, batch_size: int, forward,
-                      buckets=None) -> list[dict]:
+                      buckets=None, paste_masks: bool = True) -> list[dict]:
     """Batched inference on images of any size (`Predictor`, `ExportedPredictor`).
 
     Each image goes to the smallest canvas of `buckets` (default `config.canvas_buckets`) that
@@ -56,11 +58,14 @@ def detect_in_batches(images: Sequence[np.ndarray], config, batch_size: int, for
     Returns:
       One dict per image, as torchvision's Mask R-CNN in eval mode: `boxes (N, 4)` float32
       `(x1, y1, x2, y2)` in original-image pixels, `scores (N,)` float32 (decreasing),
-      `labels (N,)` int64, `masks (N, 1, H, W)` float32 probabilities.
+      `labels (N,)` int64, `masks (N, 1, H, W)` float32 probabilities. With
+      `paste_masks=False`, `mask_probs (N, M, M)` float32 (the mask head's probabilities on
+      each box) instead of `masks`: `transform.pasted_crops` / `coco_results.pasted_mask_rles`
+      paste them one box extent at a time, so that a large image costs no `N x H x W` array.
 
     Raises:
-      ValueError: naming the image's index in `images`, for a bad image or one that fits no
-        canvas.
+      ImageError (a ValueError): naming the image's index in `images`, for a bad image or one
+        that fits no canvas.
     """
     if isinstance(images, np.ndarray) and images.ndim == 3:
         raise ValueError("expected a sequence of images; wrap a single image in a list")
@@ -71,8 +76,8 @@ def detect_in_batches(images: Sequence[np.ndarray], config, batch_size: int, for
         canvas = bucket_for(pad, buckets)
         if canvas is None:
             h, w = np.shape(image)[:2]
-            raise ValueError(f"image {i}: size {h}x{w} resizes to {out_h}x{out_w} (padded "
-                             f"{pad[0]}x{pad[1]}), which fits none of the canvases {buckets}")
+            raise ImageError(f"size {h}x{w} resizes to {out_h}x{out_w} (padded {pad[0]}x"
+                             f"{pad[1]}), which fits none of the canvases {buckets}", i)
         groups.setdefault(canvas, []).append(i)
     results: list[dict | None] = [None] * len(images)
 
@@ -87,8 +92,12 @@ def detect_in_batches(images: Sequence[np.ndarray], config, batch_size: int, for
                 "boxes": boxes,
                 "scores": np.asarray(out["scores"][k, :n], np.float32),
                 "labels": np.asarray(out["labels"][k, :n], np.int64),
-                "masks": paste_masks(out["mask_probs"][k, :n], boxes, original)[:, None],
             }
+            probs = np.asarray(out["mask_probs"][k, :n], np.float32)
+            if paste_masks:
+                results[i]["masks"] = transform.paste_masks(probs, boxes, original)[:, None]
+            else:
+                results[i]["mask_probs"] = probs
 
     def batches():
         for canvas, members in groups.items():

@@ -12,6 +12,7 @@ The command-line tool is `convert.py` at the repository root.
 import re
 
 from maskrcnn_jax.config import STATIC_DEFAULTS, model_config
+from maskrcnn_jax.errors import CheckpointError
 from maskrcnn_jax.torchvision.flax_to_state_dict import flax_to_torchvision
 from maskrcnn_jax.torchvision.state_dict_to_flax import is_v2, resnet_to_flax, torchvision_to_flax
 
@@ -30,12 +31,26 @@ def import_torch():
 
 
 def load_state_dict(path):
-    """A torchvision state dict from a `.pth` file (a training checkpoint's 'model' entry too)."""
+    """A torchvision state dict from a `.pth` file (a training checkpoint's 'model' entry too).
+
+    Raises:
+      CheckpointError: naming the file, when torch cannot read it (truncated, not a torch
+        file, pickled objects beyond tensors) or it holds no state dict.
+    """
     torch = import_torch()
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ...
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise CheckpointError(f"{path}: cannot be read as a torch checkpoint "
+                              f"({type(e).__name__}: {reason})") from e
     if isinstance(state_dict, dict) and "model" in state_dict and not any(
             k.startswith("backbone.") for k in state_dict):
         state_dict = state_dict["model"]
+    if not isinstance(state_dict, dict) or not all(isinstance(k, str) for k in state_dict):
+        raise CheckpointError(f"{path}: holds a {type(state_dict).__name__}, not a state dict")
     return state_dict
 
 

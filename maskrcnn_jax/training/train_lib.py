@@ -24,6 +24,7 @@ import optax
 from jax.sharding import Mesh
 
 from maskrcnn_jax import runtime
+from maskrcnn_jax.errors import ConfigError
 from maskrcnn_jax.models.maskrcnn import MaskRCNN
 from maskrcnn_jax.training.losses import compute_losses
 
@@ -224,10 +225,11 @@ def make_train_step(model: MaskRCNN, tx, mesh: Mesh, frozen_labels=None):
 def check_batch_size(global_batch_size: int):
     """The global batch must split evenly over devices and processes."""
     devices, processes = jax.device_count(), jax.process_count()
-    if global_batch_size % devices or global_batch_size % processes:
-        raise ValueError(
-            f"global batch size {global_batch_size} must be divisible by the number of devices "
-            f"({devices}) and of processes ({processes})")
+    if global_batch_size < 1 or global_batch_size % devices or global_batch_size % processes:
+        raise ConfigError(
+            f"config.data.batch_size = {global_batch_size}: the global batch must be positive "
+            f"and divisible by the number of devices ({devices}) and of processes "
+            f"({processes})")
     return global_batch_size // processes
 
 

@@ -317,7 +317,8 @@ def test_strict_raises_at_the_first_defect(tmp_path, case, kind, field, id_kind)
     else:
         assert (e.annotation_id, e.image_id, e.file) == (12, 1, json_path)
         assert "annotation id 12 (image id 1)" in message
-    assert not builders.builder("coco_instances", str(tmp_path / "tfds")).is_prepared()
+    assert not builders.builder("coco_instances", str(tmp_path / "tfds"),
+                                manual_dir=root).is_prepared()
     # tolerant (the default): the same folder builds, without the defective part
     source = builders.load("coco_instances", str(tmp_path / "tfds"), "train", manual_dir=root)
     assert builders.defects(source)["train"]["kinds"] == {kind: {

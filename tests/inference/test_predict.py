@@ -87,7 +87,7 @@ def test_unreadable_images_are_skipped_and_fail_the_run(checkpoint, tmp_path, ca
     assert sorted(os.listdir(out)) == ["good.json", "good.png"]
     err = capsys.readouterr().err
     assert f"{truncated}: cannot read image" in err and f"{text}: cannot read image" in err
-    assert "2 of 3 images could not be read" in err
+    assert "2 of 3 images skipped" in err
 
 
 def test_16_bit_images_are_scaled_not_clipped(tmp_path):

@@ -138,5 +138,9 @@ def test_convert_cli_reads_the_architecture_from_the_state_dict(tmp_path, capsys
     for key, value in small.items():
         assert (list(config[key]) if key == "mask_head_layers" else config[key]) == value, key
     Predictor(config, variables)  # builds: config and weights agree
-    with pytest.raises(ValueError, match=r"num_classes=91 given, but the state dict has 4"):
+    # One line on stderr, exit status 2 (finding 8 of issue 25: the message was a traceback).
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match=r"num_classes=91 given, but the state dict has 4") as e:
         convert.main([str(path), "--out", str(tmp_path / "bad"), "--num_classes=91"])
+    assert e.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
