@@ -146,7 +146,7 @@ def predict_files(images, checkpoint, out, score_threshold=0.5, class_names_file
     from maskrcnn_jax.data.images import read_rgb
     from maskrcnn_jax.errors import CheckpointError, ImageError
     from maskrcnn_jax.inference.coco_results import detections_to_coco, pasted_mask_rles
-    from maskrcnn_jax.inference.draw import draw_detections
+    from maskrcnn_jax.inference.draw import detections_picture
     from maskrcnn_jax.inference.predictor import Predictor
 
     check_paths(images, checkpoint, out, class_names_file)
@@ -181,7 +181,7 @@ def predict_files(images, checkpoint, out, score_threshold=0.5, class_names_file
             print(f"skipped {path}: {e.reason}", file=sys.stderr, flush=True)
             skipped.append(path)
             continue
-        drawn = Image.fromarray(draw_detections(image, detections, class_names, score_threshold))
+        drawn = detections_picture(image, detections, class_names, score_threshold)
         with files.atomic_open(picture, "wb") as f:
             drawn.save(f, format="PNG")
         del drawn

@@ -288,13 +288,14 @@ def main(argv=None) -> int:
         config_checks.check_config(config)  # before anything is created
         if os.path.exists(FLAGS.workdir) and not os.path.isdir(FLAGS.workdir):
             raise UsageError(f"--workdir {FLAGS.workdir}: exists and is not a folder")
-        cli.start_runtime(FLAGS, "train.py", auto=config.distributed)
         # Our progress and warnings at INFO; libraries' (Orbax, TFDS, absl) chatter only from
         # WARNING.
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s",
+                            force=True)  # a library imported above may have set one up
         logging.getLogger("maskrcnn_jax").setLevel(logging.INFO)
         log.setLevel(logging.INFO)
         absl_logging.set_verbosity(absl_logging.WARNING)
+        cli.start_runtime(FLAGS, "train.py", auto=config.distributed)
         log.info("devices: %s (process %d of %d)", jax.devices(), jax.process_index(),
                  jax.process_count())
         results = train_and_evaluate(config, FLAGS.workdir)

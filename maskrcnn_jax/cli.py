@@ -46,7 +46,10 @@ class Exit(SystemExit):
 def fail(program: str, message: str, code: int = USAGE_ERROR):
     """Print `<program>: <message>` on stderr as one line (a message's own lines, such as a
     list of differing keys, joined by '; ') and raise `Exit(code)`."""
-    message = "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
+    parts = [line.strip() for line in str(message).splitlines() if line.strip()] or [""]
+    message = parts[0]
+    for part in parts[1:]:  # 'differs in:\n  a: ...\n  b: ...' -> 'differs in: a: ...; b: ...'
+        message += (" " if message.endswith(":") else "; ") + part
     print(f"{program}: {message}", file=sys.stderr, flush=True)
     raise Exit(code, message)
 

@@ -16,6 +16,12 @@ def draw_detections(image, detections, class_names=None, score_threshold=0.5):
     (`paste_masks=False`), pasted here one box extent at a time: no float array of the whole
     image is made, whatever its size.
     """
+    return np.asarray(detections_picture(image, detections, class_names, score_threshold))
+
+
+def detections_picture(image, detections, class_names=None, score_threshold=0.5):
+    """`draw_detections` as a PIL image (what predict.py saves: one copy of a large image
+    fewer)."""
     from PIL import Image, ImageDraw
 
     picture = np.array(image, np.uint8)  # a copy, tinted in place
@@ -38,7 +44,7 @@ def draw_detections(image, detections, class_names=None, score_threshold=0.5):
         y_text = max(y1 - (bottom - top) - 2, 0)
         draw.rectangle([x1, y_text, x1 + right - left + 4, y_text + bottom - top + 2], fill=color)
         draw.text((x1 + 2, y_text), text, fill=(255, 255, 255))
-    return np.asarray(picture)
+    return picture
 
 
 def _mask_regions(detections, keep, image_size):
