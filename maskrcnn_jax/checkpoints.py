@@ -264,13 +264,14 @@ def unflatten_by_path(flat: dict) -> dict:
 
 def save_exported(directory, serialized: bytes, variables, config: dict):
     """Write an exported model: the serialized `jax.export.Exported`, its variables keyed by
-    parameter path, and `config` (what host pre/post-processing needs) as JSON."""
+    parameter path, and `config` (what host pre/post-processing needs) as JSON; each file
+    whole or not at all (`files.atomic_open`)."""
     os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, EXPORTED_STABLEHLO), "wb") as f:
+    with files.atomic_open(os.path.join(directory, EXPORTED_STABLEHLO), "wb") as f:
         f.write(serialized)
-    np.savez(os.path.join(directory, EXPORTED_VARIABLES), **flatten_by_path(variables))
-    with open(os.path.join(directory, CONFIG_JSON), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
+    with files.atomic_open(os.path.join(directory, EXPORTED_VARIABLES), "wb") as f:
+        np.savez(f, **flatten_by_path(variables))
+    files.write_json(os.path.join(directory, CONFIG_JSON), config, indent=2, sort_keys=True)
 
 
 def read_exported(directory):

@@ -28,6 +28,7 @@ from jax.sharding import Mesh
 
 from maskrcnn_jax import files, runtime
 from maskrcnn_jax.data.transform import resize_boxes
+from maskrcnn_jax.errors import InputError
 from maskrcnn_jax.inference.coco_results import (
     COCO_BACKENDS,
     IOU_TYPES,
@@ -37,7 +38,6 @@ from maskrcnn_jax.inference.coco_results import (
     label_to_category_map,
     pasted_mask_rles,
 )
-from maskrcnn_jax.errors import InputError
 from maskrcnn_jax.inference.runner import compiled_detector, run_pipelined
 from maskrcnn_jax.models.maskrcnn import frozen
 

@@ -1,6 +1,7 @@
 """Checks of a training config (`configs/*.py`) before a run creates anything.
 
-    check_config(config)   # raises ConfigError: 'config.optimizer.learning_rate = -1.0: must be > 0'
+    check_config(config)
+    # ConfigError: config.optimizer.learning_rate = -1.0: must be a finite number > 0.0
 
 A value that cannot run, or would run to a wrong result without a word (a negative learning
 rate trains by gradient ascent; a milestone beyond the last step never decays), is an error
