@@ -63,6 +63,12 @@ def _load_start(key: str, load, path: str, *args):
                           "file") from None
 
 
+def _has_saved_steps(workdir: str) -> bool:
+    """Whether `workdir/checkpoints` holds a step folder (a run to resume)."""
+    folder = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder))
+
+
 def load_backbone(path: str):
     """Backbone variables `{'params', 'batch_stats'}` from a torchvision ImageNet ResNet state
     dict (.pth; needs torch)."""
@@ -181,18 +187,20 @@ def train_and_evaluate(config, workdir: str, step_hook=None) -> dict:
     param_shapes = jax.eval_shape(lambda: train_lib.init_variables(model, key))["params"]
     tx, schedule = train_lib.create_optimizer(config.optimizer, param_shapes, global_batch,
                                               config.frozen_backbone_stages)
+    # The weights a new run starts from are read before the workdir is created (resuming
+    # needs neither): a missing or unusable one is an error that leaves nothing behind.
+    resuming = _has_saved_steps(workdir)
+    backbone = (_load_start("init_backbone", load_backbone, config.init_backbone)
+                if config.init_backbone and not resuming else None)
+    initial = None
+    if config.get("init_from") and not resuming:
+        from maskrcnn_jax.training import finetune
+
+        initial = _load_start("init_from", finetune.load_pretrained, config.init_from,
+                              model_cfg, jax.random.fold_in(key, 1))
     manager = checkpoints.checkpoint_manager(workdir, config.keep_checkpoints)
     try:
-        resuming = manager.latest_step() is not None
-        backbone = (_load_start("init_backbone", load_backbone, config.init_backbone)
-                    if config.init_backbone and not resuming else None)
-        initial = None
-        if config.get("init_from") and not resuming:  # resuming needs no start
-            from maskrcnn_jax.training import finetune
-
-            initial = _load_start("init_from", finetune.load_pretrained, config.init_from,
-                                  model_cfg, jax.random.fold_in(key, 1))
-        if not resuming:
+        if manager.latest_step() is None:
             state = runtime.replicate(
                 train_lib.create_train_state(model, tx, key, backbone, variables=initial), mesh)
         else:  # resuming: the restore target needs only shapes (no initialisation to compile)
@@ -284,7 +292,7 @@ def main(argv=None) -> int:
             raise UsageError(f"unexpected arguments {args} (see train.py --help)")
         if not FLAGS.workdir:
             raise UsageError("--workdir is required")
-        config = FLAGS.config
+        config = cli.config_flag_value(FLAGS)
         config_checks.check_config(config)  # before anything is created
         if os.path.exists(FLAGS.workdir) and not os.path.isdir(FLAGS.workdir):
             raise UsageError(f"--workdir {FLAGS.workdir}: exists and is not a folder")

@@ -96,11 +96,32 @@ def parse(flag_values: flags.FlagValues, argv: Optional[Sequence[str]], doc: str
     try:
         return flag_values([program, *argv])[1:]
     except flags.Error as e:
-        fail(program, f"{e} (see {program} --help)")
+        fail(program, f"{_without_traceback(str(e))} (see {program} --help)")
     except (AttributeError, KeyError) as e:  # config_flags: an override of an unknown key
         fail(program, _unknown_config_key(e, argv))
     except OSError as e:  # config_flags: the config file does not load
-        fail(program, "--config: " + " ".join(str(e).split("\n")[-1].split()))
+        fail(program, "--config: cannot load: " + " ".join(str(e).split("\n")[-1].split()))
+
+
+def _without_traceback(text: str) -> str:
+    """config_flags puts the traceback of a config file's `get_config` into its message: keep
+    what precedes it and the exception's own last line."""
+    if "Traceback (most recent call last)" not in text:
+        return text
+    head = text.split("Traceback (most recent call last)")[0].strip()
+    return f"{head} {[line for line in text.splitlines() if line.strip()][-1].strip()}"
+
+
+def config_flag_value(flag_values: flags.FlagValues, name: str = "config"):
+    """The value of an `ml_collections` config flag; a config file that failed to load
+    (config_flags defers that error to the value's first use) is a UsageError naming it."""
+    value = flag_values[name].value
+    try:
+        value.keys()
+    except OSError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise errors.UsageError(f"--{name}: cannot load: {lines[-1] if lines else e}") from None
+    return value
 
 
 def _flags_help(flag_values: flags.FlagValues, program: str) -> str:

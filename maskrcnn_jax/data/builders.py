@@ -231,7 +231,13 @@ def builder(name: str, data_dir: str,
         if config is None:
             kwargs["config"] = (coco_config(manual_dir) if manual_dir
                                 else _the_built_coco_set(data_dir))
-    return BUILDERS[name](data_dir=data_dir, file_format="array_record", **kwargs)
+    try:
+        return BUILDERS[name](data_dir=data_dir, file_format="array_record", **kwargs)
+    except ValueError as e:  # TFDS: an unknown builder config name
+        if isinstance(config, str):
+            raise UsageError(f"{name} has no builder config {config!r} ("
+                             f"{str(e).splitlines()[0]})") from None
+        raise
 
 
 def load(name: str, data_dir: str, split: str, manual_dir: Optional[str] = None,

@@ -12,6 +12,7 @@ it again for callers that build configs in code.
 """
 
 import math
+import os
 from numbers import Integral, Real
 
 from maskrcnn_jax.config import STATIC_DEFAULTS, TORCHVISION_DEFAULTS, model_config
@@ -100,9 +101,10 @@ def _check_data(config):
     name = config.data.name
     if name not in DATA_SETS:
         raise _error("data.name", name, f"must be one of {', '.join(DATA_SETS)}")
-    if name == "coco_instances" and not config.data.manual_dir:
+    if name == "coco_instances" and not os.path.isdir(
+            os.path.expanduser(config.data.manual_dir or "")):
         raise _error("data.manual_dir", config.data.manual_dir,
-                     "coco_instances needs the COCO folder (--config.data.manual_dir=DIR)")
+                     "coco_instances needs an existing COCO folder (--config.data.manual_dir=DIR)")
     for key in ("batch_size", "eval_batch_size", "max_instances", "mask_crop_size"):
         _integer(config, f"data.{key}", 1)
     _integer(config, "data.worker_count", 0)

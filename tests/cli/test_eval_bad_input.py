@@ -105,6 +105,10 @@ def test_unknown_split_is_one_line_naming_the_splits(tiny_checkpoint, coco, caps
                           f"--data_dir={coco['data_dir']}", f"--manual_dir={coco['a']}",
                           "--split=tset", f"--workdir={tmp_path / 'out'}"], 2, capsys)
     assert "split 'tset'" in err and "['validation']" in err
+    err = _one_line_exit([f"--checkpoint={tiny_checkpoint}", "--data_config=bogus",
+                          f"--data_dir={tmp_path / 'tfds'}", f"--workdir={tmp_path / 'out'}"], 2,
+                         capsys)
+    assert "no builder config 'bogus'" in err
     assert not (tmp_path / "out").exists()
 
 

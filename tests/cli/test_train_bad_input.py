@@ -17,7 +17,7 @@ CONFIGS = [("coco_r50_fpn_1x", ()), ("shapes", ()), ("tiny", ()), ("tpu_pod", ()
 def _config(name="tiny", *args, **overrides):
     config = importlib.import_module(f"configs.{name}").get_config(*args)
     if config.data.name == "coco_instances":
-        config.data.manual_dir = "/data/coco"
+        config.data.manual_dir = os.path.dirname(__file__)  # a folder that exists
     config.update_from_flattened_dict(overrides)
     return config
 
@@ -60,24 +60,33 @@ def test_unknown_keys_and_missing_coco_folder():
     config.optimizer.learnig_rate = 0.1  # a typo in a config file: nothing would read it
     with pytest.raises(ConfigError, match=r"config.optimizer.learnig_rate: unknown key"):
         check_config(config)
-    with pytest.raises(ConfigError, match=r"config.data.manual_dir = '': coco_instances"):
-        check_config(_config("coco_r50_fpn_1x", **{"data.manual_dir": ""}))
+    for folder in ("", "/no/such/coco"):
+        with pytest.raises(ConfigError, match=rf"config.data.manual_dir = '{folder}': coco_"):
+            check_config(_config("coco_r50_fpn_1x", **{"data.manual_dir": folder}))
 
 
-@pytest.mark.parametrize("flag,fragments", [
-    ("--config.optimizer.learning_rate=-1", ["config.optimizer.learning_rate = -1.0"]),
-    ("--config.data.batch_size=0", ["config.data.batch_size = 0"]),
-    ("--config.optimizer.learnig_rate=1",
+@pytest.mark.parametrize("flags,fragments", [
+    (["--config.optimizer.learning_rate=-1"], ["config.optimizer.learning_rate = -1.0"]),
+    (["--config.data.batch_size=0"], ["config.data.batch_size = 0"]),
+    (["--config.optimizer.learnig_rate=1"],
      ["--config.optimizer.learnig_rate", "unknown config key", "learning_rate"]),
+    (["--config=configs/nope.py"], ["--config: cannot load", "No such file", "configs/nope.py"]),
+    (["--config=configs/finetune.py:v3"], ["takes v1 or v2, got 'v3'"]),
+    # Found after start-up (the devices are logged first), before the workdir is created.
+    (["--config.init_from=/no/such/checkpoint"], ["config.init_from = '/no/such/checkpoint'"]),
 ])
-def test_train_py_refuses_before_creating_anything(tmp_path, flag, fragments):
+def test_train_py_refuses_before_creating_anything(tmp_path, flags, fragments):
     """Findings 5 and 8: a negative learning rate trained (exit 0); batch size 0 created
-    workdir/checkpoints, then a traceback; an unknown key was a traceback."""
+    workdir/checkpoints, then a traceback; an unknown key, a config file that does not load and
+    a missing init_from were tracebacks (the last after creating the workdir)."""
     workdir = tmp_path / "run"
-    result = run_tool("train.py", "--config=configs/tiny.py", f"--workdir={workdir}",
+    config = [f for f in flags if f.startswith("--config=")] or ["--config=configs/tiny.py"]
+    overrides = [f for f in flags if not f.startswith("--config=")]
+    result = run_tool("train.py", *config, f"--workdir={workdir}",  # --config first
                       f"--config.data.data_dir={tmp_path / 'tfds'}",
-                      "--config.num_train_steps=1", flag)
-    assert_one_line_error(result, 2, "train.py", *fragments)
+                      "--config.num_train_steps=1", *overrides)
+    alone = not any(f.startswith("--config.init_from") for f in flags)
+    assert_one_line_error(result, 2, "train.py", *fragments, alone=alone)
     assert not workdir.exists() and not (tmp_path / "tfds").exists()
 
 
