@@ -31,6 +31,7 @@ from absl import flags
 
 from maskrcnn_jax import cli
 from maskrcnn_jax.config import STATIC_DEFAULTS, TORCHVISION_DEFAULTS
+from maskrcnn_jax.errors import UsageError
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("out", None, "output directory (new or empty)", flag_values=FLAGS)
@@ -52,11 +53,24 @@ cli.define_compilation_cache_flag(FLAGS)
 cli.define_verbose_flag(FLAGS)
 
 
-def _parse_value(text):
+def _parse_value(key, text):
+    """The JSON value of `--key=text`; a UsageError naming the flag when it is not of the
+    default's kind (a number, a list, a string)."""
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError:
-        return text
+        value = text
+    default = {**TORCHVISION_DEFAULTS, **STATIC_DEFAULTS}[key]
+    number = (int, float)
+    if isinstance(default, number) and not isinstance(default, bool):
+        expected, allowed = "a number", number
+    elif isinstance(default, (tuple, list)):
+        expected, allowed = "a JSON list", list
+    else:
+        return value
+    if isinstance(value, bool) or not isinstance(value, allowed):
+        raise UsageError(f"--{key}={text}: expected {expected} (default {json.dumps(default)})")
+    return value
 
 
 def convert_file(path, out, frozen_bn_eps=STATIC_DEFAULTS["frozen_bn_eps"], compare=(),
@@ -69,7 +83,6 @@ def convert_file(path, out, frozen_bn_eps=STATIC_DEFAULTS["frozen_bn_eps"], comp
       CheckpointError: `path` is not a readable torchvision Mask R-CNN state dict.
     """
     from maskrcnn_jax import checkpoints
-    from maskrcnn_jax.errors import UsageError
     from maskrcnn_jax.models.maskrcnn import check_variables
     from maskrcnn_jax.torchvision.convert import from_torchvision, load_state_dict
 
@@ -118,8 +131,9 @@ def main(argv=None) -> int:
         if not os.path.isfile(image):
             cli.fail("convert.py", f"--compare {image}: no such file")
     cli.enable_compilation_cache(FLAGS.compilation_cache_dir)
-    overrides = {k: _parse_value(FLAGS[k].value) for k in _SETTINGS if FLAGS[k].value is not None}
     with cli.reporting("convert.py", FLAGS.verbose):
+        overrides = {k: _parse_value(k, FLAGS[k].value) for k in _SETTINGS
+                     if FLAGS[k].value is not None}
         return convert_file(args[0], FLAGS.out, FLAGS.frozen_bn_eps, FLAGS.compare,
                             overwrite=FLAGS.overwrite, **overrides)
 

@@ -50,7 +50,8 @@ def load_state_dict(path):
             k.startswith("backbone.") for k in state_dict):
         state_dict = state_dict["model"]
     if not isinstance(state_dict, dict) or not all(isinstance(k, str) for k in state_dict):
-        raise CheckpointError(f"{path}: holds a {type(state_dict).__name__}, not a state dict")
+        raise CheckpointError(f"{path}: holds an object of type {type(state_dict).__name__}, "
+                              "not a state dict (parameter names to tensors)")
     return state_dict
 
 

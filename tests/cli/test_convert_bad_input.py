@@ -140,3 +140,16 @@ def test_out_that_is_a_file_and_missing_pth(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and fragment in err, err
     assert existing.read_text() == "mine" and not (tmp_path / "o").exists()
+
+
+def test_a_setting_of_the_wrong_kind_names_the_flag(tmp_path, capsys):
+    """`--min_size=abc` failed inside the conversion with "'<' not supported between instances
+    of 'int' and 'str'"."""
+    pth = tmp_path / "model.pth"
+    pth.write_bytes(b"not read: the values are checked first")
+    for flag, fragment in (("--min_size=abc", "--min_size=abc: expected a number"),
+                           ("--image_mean=0.5", "--image_mean=0.5: expected a JSON list")):
+        with pytest.raises(SystemExit) as info:
+            convert.main([str(pth), f"--out={tmp_path / 'out'}", flag])
+        assert info.value.code == 2 and fragment in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
