@@ -54,7 +54,7 @@ def fail(program: str, message: str, code: int = USAGE_ERROR):
     raise Exit(code, message)
 
 
-# Errors of a run on its input that are reported in one line (exit 1), besides InputError.
+# Errors of a run on its input (a checkpoint, data set, image; a diverged loss): exit 1.
 _RUN_ERRORS = (errors.InputError, FloatingPointError)
 
 
