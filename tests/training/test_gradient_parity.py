@@ -133,7 +133,9 @@ def grads(request):
         b = dict(batch, images=np.asarray(batch["images"], dtype))
 
         def loss(params):
-            return compute_losses(model, {**v, "params": params}, b, jax.random.PRNGKey(0))
+            total, (losses, _) = compute_losses(model, {**v, "params": params}, b,
+                                                jax.random.PRNGKey(0))
+            return total, losses
 
         g, losses = jax.jit(jax.grad(loss, has_aux=True))(v["params"])
         return v["params"], jax.block_until_ready(g), {k: float(x) for k, x in losses.items()}
