@@ -142,8 +142,9 @@ def build(architecture="v1"):
         torch_model = torchvision.models.detection.MaskRCNN(
             _resnet_fpn_extractor(body, TRAINABLE_LAYERS), **kwargs)
     randomize(torch_model, seed=1, architecture=architecture)
+    # The torch model's norms are FrozenBatchNorm2d: ours frozen too (`batch_norm='frozen'`).
     config, variables = from_torchvision(
-        torch_model.state_dict(), canvas_size=PARITY_CANVAS, **kwargs)
+        torch_model.state_dict(), canvas_size=PARITY_CANVAS, batch_norm="frozen", **kwargs)
 
     rng = np.random.default_rng(0)
     batch = preprocess([image(rng, h, w) for h, w in ORIGINAL_SHAPES], config)
