@@ -42,7 +42,7 @@ ROI_LEVELS = FPN_LEVELS[:4]
 ROI_SCALES = tuple(1 / 2**k for k in ROI_LEVELS)
 ROI_SAMPLING_RATIO = 2
 BOX_POOL_SIZE = (7, 7)
-DEFAULT_MASK_SIZE = 28  # configs saved before `mask_size` existed ran with torchvision's 28
+DEFAULT_MASK_SIZE = 28  # torchvision's; a config without `mask_size` has it
 
 
 def mask_pool_size(config) -> Tuple[int, int]:

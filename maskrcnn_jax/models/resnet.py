@@ -3,7 +3,8 @@
 Layout is NHWC. Parameters are float32 (`param_dtype`); `dtype` is the computation dtype
 (None: the input's dtype, e.g. jnp.bfloat16 for mixed precision).
 
-Variable names mirror torchvision's state-dict names so that `convert_weights` stays a plain
+Variable names mirror torchvision's state-dict names so that conversion
+(`maskrcnn_jax.torchvision`) stays a plain
 renaming: `conv1`, `bn1`, `layer{i}_{j}` (torch `layer{i}.{j}`) with `conv1..3`, `bn1..3`,
 `downsample_conv` / `downsample_bn` (torch `downsample.0` / `downsample.1`).
 """

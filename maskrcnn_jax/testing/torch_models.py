@@ -119,7 +119,7 @@ def torchvision_maskrcnn(config):
     body = getattr(torchvision.models, config.backbone)(weights=None,
                                                         norm_layer=layer_of[backbone_norm])
     # The state dict carries no eps: set the config's (as torchvision's `overwrite_eps`), so that
-    # `to_torchvision` weights run here as in maskrcnn_jax. Old configs: torchvision's 1e-5.
+    # `to_torchvision` weights run here as in maskrcnn_jax (torchvision's 1e-5 by default).
     eps = float(config.get("frozen_bn_eps", 1e-5))
     for m in body.modules():
         if isinstance(m, FrozenBatchNorm2d):

@@ -130,9 +130,9 @@ def init_variables(model: MaskRCNN, key: jax.Array):
     initialises every module cheaply (the unused detections are dead code under jit).
 
     On the CPU the program is compiled without backend optimisation: XLA's CPU compiler spends
-    tens of seconds on the threefry sampling of ~100 initialisers (27 s for `configs/tiny.py`,
-    5 s without optimisation) for a program that runs once; the values then differ from an
-    optimised compile's in the last bits (measured <= 2.1e-7 relative), deterministically."""
+    several times longer optimising the threefry sampling of ~100 initialisers than the program
+    runs once; the values then differ from an optimised compile's in the last bits,
+    deterministically."""
     images = jnp.zeros((1, 64, 64, 3), jnp.float32)
     sizes = jnp.full((1, 2), 64, jnp.int32)
 

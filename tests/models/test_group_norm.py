@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from maskrcnn_jax import models
-from maskrcnn_jax.models.resnet import MaskedGroupNorm
+from maskrcnn_jax.models.norm import MaskedGroupNorm
 
 
 def _torch_group_norm(x_nhwc, groups, scale, bias):
