@@ -85,10 +85,11 @@ class MaskRCNN(nn.Module):
         if cfg.backbone not in BACKBONES:
             raise ValueError(f"unknown backbone {cfg.backbone!r}; choose from {sorted(BACKBONES)}")
         backbone_norm, head_norm = norm_kinds(cfg)
+        # Defaults for configs without the keys: torchvision's eps and v1.
         self.backbone = BACKBONES[cfg.backbone](
-            dtype=dtype, norm=backbone_norm, frozen_bn_eps=float(cfg.frozen_bn_eps))
+            dtype=dtype, norm=backbone_norm, frozen_bn_eps=float(cfg.get("frozen_bn_eps", 1e-5)))
         # torchvision v2: batch norm in the FPN and heads, 2-conv RPN head, conv+fc box head.
-        v2 = cfg.architecture == "v2"
+        v2 = cfg.get("architecture", "v1") == "v2"
         self.fpn = models.FeaturePyramidNetwork(cfg.fpn_channels, norm=head_norm, dtype=dtype)
         self.rpn_head = models.RPNHead(num_anchors=3, conv_depth=2 if v2 else 1, dtype=dtype)
         if v2:
