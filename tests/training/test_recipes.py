@@ -1,7 +1,7 @@
 """The recipe configs run: each for 2 steps in a tiny variant (tiny backbone and heads, the
 16-image shapes set, a 64 px canvas, LSJ into a 64 px square), as `train.train_and_evaluate`;
-and the v2 LSJ recipe (synchronised batch norm) on 4 devices equals 1 device for the same global
-batch (`python train.py` subprocesses, `--xla_force_host_platform_device_count`)."""
+and the v2 LSJ recipe (synchronised batch norm) on 4 devices and on 2 processes x 2 devices
+equals 1 device for the same global batch (`python train.py` subprocesses)."""
 
 import json
 import os
@@ -19,7 +19,7 @@ from maskrcnn_jax import checkpoints
 from maskrcnn_jax.checkpoints import local_restore_target
 from maskrcnn_jax.config import model_config
 from maskrcnn_jax.models.maskrcnn import MaskRCNN, frozen
-from maskrcnn_jax.testing.multiprocess import REPO
+from maskrcnn_jax.testing.multiprocess import REPO, readme_command, run_processes
 from maskrcnn_jax.training import train_lib
 
 pytestmark = pytest.mark.slow
@@ -110,27 +110,39 @@ def _rel_l2(a, b):
             / np.sqrt(sum(np.sum(x ** 2) for x in a)))
 
 
-def test_v2_recipe_on_four_devices_equals_one(data_dir, tmp_path):
-    """2 steps of the v2 LSJ recipe, global batch 8, on 1 and on 4 simulated devices: the batch
-    norms' statistics are over the global batch in both, so the parameters and statistics agree
+def test_v2_recipe_on_four_devices_and_two_processes_equals_one(data_dir, tmp_path):
+    """2 steps of the v2 LSJ recipe, global batch 8, on 1 device, on 4 simulated devices and on
+    2 processes x 2 devices (the README's multi-process flags, gloo): the batch norms'
+    statistics are over the global batch in all three, so the parameters and statistics agree
     to float32 summation order, far below what one step changes (per-device statistics would
     differ by the order of an update)."""
     states = {}
-    for devices in (1, 4):
-        workdir = str(tmp_path / f"d{devices}")
-        env = dict(os.environ, JAX_PLATFORMS="cpu",
-                   XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-        out = subprocess.run([sys.executable, "train.py", *_flags(data_dir, workdir)], cwd=REPO,
-                             env=env, capture_output=True, text=True, timeout=900)
-        assert out.returncode == 0, out.stderr[-3000:]
-        assert f"CpuDevice(id={devices - 1})" in out.stderr
+    for topology in ("1", "4", "2x2"):
+        workdir = str(tmp_path / f"run{topology}")
+        if topology == "2x2":
+            # The README's launch with this recipe instead of configs/tiny.py.
+            argv = [*readme_command("train.py", replace={
+                "/tmp/two": workdir, "/tmp/tfds": data_dir,
+                "configs/tiny.py": "configs/coco_r50_fpn_v2_lsj.py"}),
+                *_flags(data_dir, workdir)[2:]]
+            logs = run_processes(argv, 2, 2, 900, str(tmp_path))
+            assert all("process 1 of 2" in log or "process 0 of 2" in log for log in logs)
+        else:
+            env = dict(os.environ, JAX_PLATFORMS="cpu",
+                       XLA_FLAGS=f"--xla_force_host_platform_device_count={topology}")
+            out = subprocess.run([sys.executable, "train.py", *_flags(data_dir, workdir)],
+                                 cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+            assert out.returncode == 0, out.stderr[-3000:]
+            assert f"CpuDevice(id={int(topology) - 1})" in out.stderr
         directory = os.path.join(workdir, "checkpoints")
         with ocp.CheckpointManager(directory) as manager:
-            states[devices] = {step: _params(manager.restore(step, args=ocp.args.Composite(
+            states[topology] = {step: _params(manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(local_restore_target(directory, step)))).state)
                 for step in (1, 2)}
     for collection in ("params", "batch_stats"):
-        moved = _rel_l2(states[1][2][collection], states[1][1][collection])
-        diff = _rel_l2(states[1][2][collection], states[4][2][collection])
-        print(f"{collection}: 1 vs 4 devices {diff:.2e} (step 2 moved them {moved:.2e})")
-        assert diff <= 1e-2 * moved, collection
+        moved = _rel_l2(states["1"][2][collection], states["1"][1][collection])
+        for topology in ("4", "2x2"):
+            diff = _rel_l2(states["1"][2][collection], states[topology][2][collection])
+            print(f"{collection}: 1 device vs {topology} {diff:.2e} (step 2 moved them "
+                  f"{moved:.2e})")
+            assert diff <= 1e-2 * moved, (collection, topology)
