@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from maskrcnn_jax import checkpoints, cli, runtime
 from maskrcnn_jax.config import model_config
-from maskrcnn_jax.data import builders, pipeline, samplers
+from maskrcnn_jax.data import builders, lsj, pipeline, samplers
 from maskrcnn_jax.errors import ConfigError, UsageError
 from maskrcnn_jax.models.maskrcnn import MaskRCNN, frozen
 from maskrcnn_jax.training import config_checks, train_lib
@@ -67,6 +67,18 @@ def _has_saved_steps(workdir: str) -> bool:
     """Whether `workdir/checkpoints` holds a step folder (a run to resume)."""
     folder = os.path.join(workdir, "checkpoints")
     return os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder))
+
+
+def large_scale_jitter(data_cfg):
+    """The training augmentation's large-scale jitter (`data.augmentation='lsj'`), else None
+    (the resize to `data.min_sizes`)."""
+    augmentation = data_cfg.get("augmentation", "resize")
+    if augmentation == "resize":
+        return None
+    if augmentation != "lsj":
+        raise ValueError(f"data.augmentation {augmentation!r}: choose 'resize' or 'lsj'")
+    return lsj.LargeScaleJitter(size=int(data_cfg.lsj_size),
+                                scale_range=tuple(float(v) for v in data_cfg.lsj_scale_range))
 
 
 def load_backbone(path: str):
@@ -181,7 +193,8 @@ def train_and_evaluate(config, workdir: str, step_hook=None) -> dict:
             train=True, seed=config.seed, max_instances=config.data.max_instances,
             mask_crop_size=config.data.mask_crop_size, min_sizes=tuple(config.data.min_sizes),
             flip_probability=config.data.flip_probability, worker_count=config.data.worker_count,
-            global_batch_size=global_batch, start_record=start_record)
+            global_batch_size=global_batch, start_record=start_record,
+            jitter=large_scale_jitter(config.data))
 
     key = jax.random.PRNGKey(config.seed)
     param_shapes = jax.eval_shape(lambda: train_lib.init_variables(model, key))["params"]

@@ -264,7 +264,7 @@ def time_jax(net, tx, params, stats, opt_state, data, mask_rois, steps, frozen_l
         def loss_fn(p):
             p = stop_frozen_gradients(p, frozen_labels)
             return compute_losses(net, {"params": p, "batch_stats": stats}, data, key)
-        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        (loss, (terms, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss, terms["loss_mask"]
 

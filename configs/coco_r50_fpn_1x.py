@@ -33,13 +33,19 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.manual_dir = ""  # the COCO folder (coco_instances)
     config.data.train_split = "train"
     config.data.eval_split = "validation"
-    config.data.shapes = dict()  # the shapes set's options (configs/shapes.py)
+    # The synthetic shapes set's options (data.name='shapes', configs/shapes.py).
+    config.data.shapes = dict(num_train=1000, num_validation=200, seed=0)
     config.data.batch_size = 16  # global, over all devices and processes
     config.data.eval_batch_size = 8  # per device
     config.data.max_instances = 100  # ground-truth slots per image
     config.data.mask_crop_size = 112
     config.data.min_sizes = (800,)  # scale jitter when several; evaluation uses the last
     config.data.flip_probability = 0.5
+    # Training augmentation: 'resize' (to min_sizes, as above: torchvision's default) or 'lsj'
+    # (large-scale jitter into one lsj_size square: torchvision's v2 recipe, data/lsj.py).
+    config.data.augmentation = "resize"
+    config.data.lsj_size = 1024
+    config.data.lsj_scale_range = (0.1, 2.0)
     config.data.worker_count = 8
 
     config.optimizer = ml_collections.ConfigDict()

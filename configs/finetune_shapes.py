@@ -14,11 +14,10 @@
 
 `tests/training/test_finetune_shapes.py` runs these stages (about 20 minutes on a 2-core CPU, so
 it is marked `manual`, outside the CI suite) and checks that the fine-tuned model's mask AP beats
-the same schedule from scratch, and starts with a lower loss (measured after 200 steps of 4
-images: mask AP 0.015 fine-tuned vs 0.000 from scratch, box AP 0.025 vs 0.001, loss over the
-first 25 steps 2.72 vs 3.75; an earlier run: mask AP 0.086 vs 0.003). Fine-tuning freezes the stages torchvision freezes for
-pretrained weights (`trainable_backbone_layers=3`: stem and layer1); pretraining and the
-from-scratch run freeze nothing.
+the same schedule from scratch, and starts with a lower loss (figures in BENCHMARKS.md).
+Fine-tuning freezes the stages torchvision freezes for pretrained weights
+(`trainable_backbone_layers=3`: stem and layer1); pretraining and the from-scratch run freeze
+nothing.
 """
 
 from configs import shapes

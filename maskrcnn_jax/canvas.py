@@ -32,7 +32,7 @@ def default_canvas_size(min_size: int, max_size: int, size_divisible: int = 32):
 
 def canvases(config) -> list:
     """The canvas buckets of a model config as `(height, width)` tuples (`canvas_size` alone
-    for configs saved before buckets existed)."""
+    for a config without `canvas_buckets`)."""
     return [tuple(int(v) for v in b) for b in (config.get("canvas_buckets") or
                                                [config.canvas_size])]
 

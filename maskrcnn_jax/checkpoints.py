@@ -20,7 +20,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from maskrcnn_jax import files
+from maskrcnn_jax import files, runtime
 from maskrcnn_jax.errors import CheckpointError, ConfigError, UsageError
 
 CONFIG_JSON = "config.json"
@@ -82,7 +82,8 @@ def restore_train_state(manager, target, model_config: Optional[dict] = None):
     shardings of `target`; None when there is none.
 
     A step that cannot be restored (a damaged or partly deleted folder) is logged with the step
-    and the reason, and the previous step is tried. When `model_config` (the requested model
+    and the reason, and the previous step is tried; with several processes, a step that fails
+    in any of them is skipped by all, so that all resume from the same step. When `model_config` (the requested model
     config as a dict) differs from the one saved with a step, the differing keys are logged; if
     that step's arrays then do not fit `target`, a ConfigError lists them (before any restore,
     instead of Orbax's tree dump).
@@ -108,15 +109,24 @@ def restore_train_state(manager, target, model_config: Optional[dict] = None):
                     # Told before Orbax tries (and fails) to restore into the wrong shapes,
                     # which leaves its asynchronous readers failing at interpreter exit.
                     raise _config_mismatch(manager.directory, step, differences)
+        restored, error = None, None
         try:
             restored = manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
         except Exception as e:  # Orbax / TensorStore raise many kinds
-            if differences:
+            error = e
+        # Every process resumes from the same step: one that fails anywhere is skipped by all.
+        if not runtime.all_processes_agree(error is None):
+            if error is not None and differences:
                 raise _config_mismatch(manager.directory, step, differences) from None
-            reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-            log.warning("checkpoint step %d in %s cannot be restored (%s: %s); trying the "
-                        "previous step", step, manager.directory, type(e).__name__, reason)
+            if error is None:
+                reason = "another process could not restore it"
+            else:
+                text = str(error).strip()
+                reason = (f"{type(error).__name__}: "
+                          f"{text.splitlines()[0][:300] if text else ''}")
+            log.warning("checkpoint step %d in %s cannot be restored (%s); trying the "
+                        "previous step", step, manager.directory, reason)
             failures.append(step)
             continue
         if failures:

@@ -46,10 +46,15 @@ STATIC_DEFAULTS: dict[str, Any] = dict(
     # `fpn_channels`-wide convs and `box_representation_size` fc; norms frozen, see models.heads).
     architecture="v1",
     backbone="resnet50",
-    # Backbone normalisation: torchvision's FrozenBatchNorm2d ('frozen_bn', for pretrained or
-    # converted weights) or 'group_norm' (trainable, masked to each image; for training from
-    # scratch; such models do not convert to torchvision).
+    # Backbone normalisation: torchvision's FrozenBatchNorm2d ('frozen_bn': pretrained v1
+    # weights), its BatchNorm2d ('batch_norm': a ResNet built without pretrained weights, and
+    # v2's) or 'group_norm' (trainable, masked to each image; does not convert to torchvision).
     backbone_norm="frozen_bn",
+    # How torchvision's BatchNorm2d layers (a 'batch_norm' backbone; v2's FPN and heads) train:
+    # 'train' as torchvision in train mode (batch statistics over the global batch, running
+    # statistics updated: SyncBatchNorm), or 'frozen' (running statistics, never updated; the
+    # affine map not trained, as FrozenBatchNorm2d).
+    batch_norm="train",
     # eps of the backbone's FrozenBatchNorm2d: torchvision's default 1e-5, but torchvision's
     # weights builder for the official COCO_V1 checkpoint calls `overwrite_eps(model, 0.0)`, and
     # pretrained ResNets have near-dead channels (running_var ~1e-7) where 1e-5 vs 0 changes the
@@ -87,6 +92,8 @@ STATIC_DEFAULTS: dict[str, Any] = dict(
 )
 
 ARCHITECTURES = ("v1", "v2")
+BACKBONE_NORMS = ("frozen_bn", "batch_norm", "group_norm")
+BATCH_NORM_MODES = ("train", "frozen")
 GT_MASK_FORMATS = (None, "crops", "full")
 
 _TORCHVISION_ONLY = {"weights", "progress", "weights_backbone", "trainable_backbone_layers"}
@@ -108,6 +115,9 @@ def model_config(**kwargs) -> ml_collections.ConfigDict:
     values["mask_head_layers"] = tuple(int(v) for v in values["mask_head_layers"])
     if values["architecture"] not in ARCHITECTURES:
         raise ValueError(f"architecture {values['architecture']!r}: choose from {ARCHITECTURES}")
+    for key, allowed in (("backbone_norm", BACKBONE_NORMS), ("batch_norm", BATCH_NORM_MODES)):
+        if values[key] not in allowed:
+            raise ValueError(f"{key} {values[key]!r}: choose from {allowed}")
     if values["gt_mask_format"] not in GT_MASK_FORMATS:
         raise ValueError(f"gt_mask_format {values['gt_mask_format']!r}: choose from "
                          f"{GT_MASK_FORMATS}")

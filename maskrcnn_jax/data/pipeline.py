@@ -16,6 +16,9 @@ dropped. Batches are dicts of NumPy arrays (`BATCH_FIELDS`). Shuffling and all r
 from grain's sampler and seed, so a run is deterministic for a seed and an iterator's
 `get_state()` / `set_state()` resumes it exactly.
 
+Training with large-scale jitter instead (`prepare_lsj_example`, `data.lsj`: torchvision's
+v2 recipe): every image augmented into one square canvas that is the whole image.
+
 Training: every process reads its slice of one global sequence of batches, the same whatever
 the process count (`samplers.GlobalBatchSampler`; grouped by canvas bucket when the config has
 several, `record_buckets`). Evaluation: in order, one epoch; `evaluation.evaluate` gives every
@@ -30,7 +33,7 @@ import numpy as np
 from absl import flags
 
 from maskrcnn_jax.canvas import canvases
-from maskrcnn_jax.data import coco_rle, transform
+from maskrcnn_jax.data import coco_rle, lsj, transform
 from maskrcnn_jax.data.eval_shards import PADDING_KEY
 from maskrcnn_jax.data.mask_crops import crop_resized_masks
 from maskrcnn_jax.data.record_buckets import bucket_positions, record_canvas
@@ -74,6 +77,17 @@ def _select_instances(record, keep: np.ndarray, max_instances: int):
     return np.concatenate([targets, crowd]).astype(np.int64), dropped
 
 
+def _clipped_targets(record):
+    """The record's boxes clipped to the image and which are targets: as torchvision's reference
+    (coco_utils), crowd and zero-size boxes are not."""
+    h0, w0 = np.asarray(record["image"]).shape[:2]
+    boxes = np.asarray(record["boxes"], np.float32).reshape(-1, 4)
+    boxes = np.clip(boxes, 0, np.asarray([w0, h0, w0, h0], np.float32))
+    is_crowd = np.asarray(record["is_crowd"], bool).reshape(-1)
+    keep = ~is_crowd & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    return boxes, is_crowd, keep
+
+
 def prepare_example(record: dict, config, *, min_size: int, flip: bool, max_instances: int,
                     mask_crop_size: int = 112, canvas_size=None) -> dict:
     """One record -> the per-image arrays of a batch (`BATCH_FIELDS` without the batch axis).
@@ -89,11 +103,7 @@ def prepare_example(record: dict, config, *, min_size: int, flip: bool, max_inst
     """
     image = np.asarray(record["image"])
     h0, w0 = image.shape[:2]
-    boxes = np.asarray(record["boxes"], np.float32).reshape(-1, 4)
-    # As torchvision's reference (coco_utils): clamp to the image, zero-size boxes are no target.
-    boxes = np.clip(boxes, 0, np.asarray([w0, h0, w0, h0], np.float32))
-    is_crowd = np.asarray(record["is_crowd"], bool).reshape(-1)
-    keep = ~is_crowd & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    boxes, is_crowd, keep = _clipped_targets(record)
     index, dropped = _select_instances(record, keep, max_instances)
     boxes = boxes[index]
     if flip:
@@ -111,6 +121,40 @@ def prepare_example(record: dict, config, *, min_size: int, flip: bool, max_inst
     rles = [record["mask_rles"][i] for i in index]
     masks = crop_resized_masks(coco_rle.decode_masks(rles, h0, w0), row_map, col_map, boxes,
                                mask_crop_size)
+    return _example(record, batch, boxes, masks, index, keep, is_crowd, flip, dropped,
+                    max_instances)
+
+
+def prepare_lsj_example(record: dict, config, jitter: lsj.LargeScaleJitter, *, scale: float,
+                        crop_draw: float, flip: bool, max_instances: int,
+                        mask_crop_size: int = 112) -> dict:
+    """One record -> the per-image arrays of a batch (`BATCH_FIELDS`), augmented by large-scale
+    jitter (`data.lsj`: torchvision's ScaleJitter + FixedSizeCrop + flip) into a
+    `jitter.size` square that is the whole image (`image_sizes` = `padded_sizes` = its size):
+    targets the crop removes are not targets (valid=False)."""
+    image = np.asarray(record["image"])
+    h0, w0 = image.shape[:2]
+    g = lsj.geometry(h0, w0, jitter, scale, crop_draw, flip)
+    boxes, is_crowd, keep = _clipped_targets(record)
+    boxes, inside = lsj.transform_boxes(boxes, g)
+    keep = keep & inside
+    index, dropped = _select_instances(record, keep, max_instances)
+    boxes = boxes[index]
+    size = np.asarray([[g.size, g.size]], np.int32)
+    batch = transform.Batch(transform.normalize(lsj.transform_image(image, g, jitter.fill),
+                                                config)[None], size, size,
+                            np.asarray([[h0, w0]], np.int32))
+    rles = [record["mask_rles"][i] for i in index]
+    row_map, col_map = lsj.mask_maps(g)
+    masks = crop_resized_masks(lsj.with_zero_border(coco_rle.decode_masks(rles, h0, w0)),
+                               row_map, col_map, boxes, mask_crop_size)
+    return _example(record, batch, boxes, masks, index, keep, is_crowd, flip, dropped,
+                    max_instances)
+
+
+def _example(record, batch, boxes, masks, index, keep, is_crowd, flip, dropped,
+             max_instances) -> dict:
+    """The batch fields of one prepared image, ground truth padded to `max_instances`."""
     n, g = len(index), max_instances
     pad = lambda a, dtype: np.concatenate(  # noqa: E731
         [np.asarray(a, dtype), np.zeros((g - n,) + np.shape(a)[1:], dtype)])
@@ -136,16 +180,25 @@ class _Prepare(grain.transforms.RandomMap):
     """grain step: draws the flip and scale jitter from grain's per-record generator; with
     `bucketed`, pads each image into its canvas bucket (`record_buckets.record_canvas` at the
     largest `min_sizes`, so that every scale of the jitter fits), else into
-    `config.canvas_size`."""
+    `config.canvas_size`; with `jitter` (training), large-scale jitter instead of the resize."""
 
     def __init__(self, config, train: bool, min_sizes: Sequence[int], flip_probability: float,
-                 max_instances: int, mask_crop_size: int, bucketed: bool = False):
+                 max_instances: int, mask_crop_size: int, bucketed: bool = False,
+                 jitter: Optional[lsj.LargeScaleJitter] = None):
         self.config, self.train, self.min_sizes = config, train, tuple(min_sizes)
         self.flip_probability = flip_probability
         self.max_instances, self.mask_crop_size = max_instances, mask_crop_size
-        self.bucketed = bucketed
+        self.bucketed, self.jitter = bucketed, jitter
 
     def random_map(self, record, rng: np.random.Generator):
+        if self.train and self.jitter is not None:
+            scale = lsj.draw_scale(self.jitter, rng.random())
+            crop_draw = float(rng.random())
+            flip = bool(rng.random() < self.flip_probability)
+            return prepare_lsj_example(record, self.config, self.jitter, scale=scale,
+                                       crop_draw=crop_draw, flip=flip,
+                                       max_instances=self.max_instances,
+                                       mask_crop_size=self.mask_crop_size)
         if self.train:  # torchvision: random choice of min_size in training, the last one else
             min_size = self.min_sizes[int(rng.integers(len(self.min_sizes)))]
             flip = bool(rng.random() < self.flip_probability)
@@ -176,8 +229,8 @@ def make_dataset(source, config, *, batch_size: int, train: bool, seed: int = 0,
                  num_epochs: Optional[int] = None, worker_count: int = 0,
                  shard_options: Optional[grain.sharding.ShardOptions] = None,
                  global_batch_size: Optional[int] = None, start_record: int = 0,
-                 process_index: Optional[int] = None, process_count: Optional[int] = None
-                 ) -> grain.DataLoader:
+                 process_index: Optional[int] = None, process_count: Optional[int] = None,
+                 jitter: Optional[lsj.LargeScaleJitter] = None) -> grain.DataLoader:
     """A grain `DataLoader` of batches (`BATCH_FIELDS`) from a random-access data source.
 
     Args:
@@ -210,6 +263,8 @@ def make_dataset(source, config, *, batch_size: int, train: bool, seed: int = 0,
         be `G / process_count`.
       start_record: training: global positions already consumed (resume: step * G).
       process_index, process_count: training: this process's slice (default JAX's).
+      jitter: training: large-scale jitter (`data.lsj`) into one `jitter.size` square canvas
+        instead of the resize to `min_sizes` (which evaluation keeps using).
 
     Returns:
       A `grain.DataLoader`; `iter(loader)` has `get_state()` / `set_state(state)`.
@@ -232,7 +287,7 @@ def make_dataset(source, config, *, batch_size: int, train: bool, seed: int = 0,
             raise ValueError(f"batch_size {batch_size} per process x {process_count} processes "
                              f"!= global_batch_size {global_batch_size}")
         buckets = canvases(config)
-        bucketed = len(buckets) > 1
+        bucketed = len(buckets) > 1 and jitter is None
         groups = None
         if bucketed:  # one canvas per global batch: group the records by canvas bucket
             from maskrcnn_jax.data import builders
@@ -253,7 +308,7 @@ def make_dataset(source, config, *, batch_size: int, train: bool, seed: int = 0,
             num_epochs=num_epochs if num_epochs is not None else 1, seed=seed)
     operations = [
         _Prepare(config, train, min_sizes, flip_probability, max_instances, mask_crop_size,
-                 bucketed),
+                 bucketed, jitter),
         grain.transforms.Batch(batch_size, drop_remainder=train,
                                batch_fn=_stack_padded(batch_size)),
     ]

@@ -126,6 +126,14 @@ def padded_size_of(height: int, width: int, config, min_size: int):
     return out, tuple(int(math.ceil(v / divisible) * divisible) for v in out)
 
 
+def normalize(image: np.ndarray, config) -> np.ndarray:
+    """uint8 `(H, W, 3)` -> float32 `(image / 255 - image_mean) / image_std` (torchvision's
+    `GeneralizedRCNNTransform.normalize` of its [0, 1] image)."""
+    mean = np.asarray(config.image_mean, np.float32)
+    std = np.asarray(config.image_std, np.float32)
+    return (np.asarray(image).astype(np.float32) / np.float32(255.0) - mean) / std
+
+
 def preprocess(images: Sequence[np.ndarray], config, indices: Sequence[int] | None = None,
                min_size: int | None = None, canvas_size=None) -> Batch:
     """uint8 `(H, W, 3)` RGB images (any sizes) -> a `Batch` in one canvas.
@@ -140,8 +148,6 @@ def preprocess(images: Sequence[np.ndarray], config, indices: Sequence[int] | No
         resizes to 0 pixels or a resized image that does not fit the canvas.
     """
     canvas_h, canvas_w = tuple(canvas_size or config.canvas_size)
-    mean = np.asarray(config.image_mean, np.float32)
-    std = np.asarray(config.image_std, np.float32)
     batch = np.zeros((len(images), canvas_h, canvas_w, 3), np.float32)
     image_sizes, padded_sizes, original_sizes = [], [], []
     indices = range(len(images)) if indices is None else indices
@@ -153,11 +159,9 @@ def preprocess(images: Sequence[np.ndarray], config, indices: Sequence[int] | No
             raise ImageError(
                 f"size {h}x{w} resizes to {out_h}x{out_w} (padded {pad_h}x{pad_w}), which does "
                 f"not fit the canvas {canvas_h}x{canvas_w}; raise config.canvas_size", i)
-
-        def normalize(pixels):  # elementwise: applied to the pixels the resize reads only
-            return (pixels.astype(np.float32) / np.float32(255.0) - mean) / std
-
-        batch[k, :out_h, :out_w] = bilinear_resize(image, out_h, out_w, elementwise=normalize)
+        # Normalised as it is read: only the pixels the resize reads are converted.
+        batch[k, :out_h, :out_w] = bilinear_resize(
+            image, out_h, out_w, elementwise=lambda pixels: normalize(pixels, config))
         image_sizes.append((out_h, out_w))
         padded_sizes.append((pad_h, pad_w))
         original_sizes.append((h, w))

@@ -2,7 +2,7 @@
 
     from maskrcnn_jax.inference.export import export_inference, load_exported
     export_inference(config, variables, "exported/", batch_size=1)
-    predict = load_exported("exported/")          # needs jax + numpy, not the model code
+    predict = load_exported("exported/")          # runs without importing the model code
     outputs = predict([image])                    # same dicts as Predictor
 
 The directory holds `inference.stablehlo` (the serialized `jax.export.Exported` of the jitted
@@ -32,7 +32,6 @@ import numpy as np
 
 from maskrcnn_jax import checkpoints, runtime
 from maskrcnn_jax.inference.runner import detect_in_batches
-from maskrcnn_jax.models.maskrcnn import MaskRCNN, frozen, variable_shapes
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +43,8 @@ def export_inference(config, variables, directory, batch_size: int = 1,
 
     Returns the directory written.
     """
+    from maskrcnn_jax.models.maskrcnn import MaskRCNN, frozen
+
     config = frozen(config)
     model = MaskRCNN(config)
 
@@ -125,6 +126,8 @@ class ProgramCache:
         os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the new one
 
     def variable_shapes(self, config) -> dict:
+        from maskrcnn_jax.models.maskrcnn import variable_shapes
+
         path = self._path("shapes", config.to_dict())
         try:
             with open(path) as f:

@@ -15,13 +15,15 @@ from maskrcnn_jax.canvas import bucket_for, canvases
 from maskrcnn_jax.data import transform
 from maskrcnn_jax.data.transform import padded_size, preprocess, resize_boxes
 from maskrcnn_jax.errors import ImageError
-from maskrcnn_jax.models.maskrcnn import MaskRCNN, frozen
 
 
 def compiled_detector(config, mesh: Mesh):
     """The jit-compiled `MaskRCNN(config).apply` (inference) on `mesh`: variables replicated,
     images and detections split on 'data'. One per config and mesh in the process
     (`runtime.compiled`), shared by `Predictor` and `evaluate`."""
+    # Imported here: `ExportedPredictor` runs this module's loop without the model code.
+    from maskrcnn_jax.models.maskrcnn import MaskRCNN, frozen
+
     config = frozen(config)
     return runtime.compiled("detect", [config, mesh], lambda: jax.jit(
         MaskRCNN(config).apply, out_shardings=runtime.split(mesh),

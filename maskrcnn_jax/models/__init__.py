@@ -9,10 +9,10 @@ from maskrcnn_jax.models.heads import (
     RPNHead,
     TwoMLPHead,
 )
+from maskrcnn_jax.models.norm import BatchNorm, FrozenBatchNorm, MaskedGroupNorm
 from maskrcnn_jax.models.resnet import (
     BasicBlock,
     BottleneckBlock,
-    FrozenBatchNorm,
     ResNet,
     ResNet18,
     ResNet34,
@@ -23,12 +23,14 @@ from maskrcnn_jax.models.resnet import (
 
 __all__ = [
     "BasicBlock",
+    "BatchNorm",
     "BottleneckBlock",
     "FastRCNNConvFCHead",
     "FastRCNNPredictor",
     "FeaturePyramidNetwork",
     "FrozenBatchNorm",
     "MaskRCNNHeads",
+    "MaskedGroupNorm",
     "MaskRCNNPredictor",
     "RPNHead",
     "ResNet",

@@ -2,8 +2,9 @@
 
 Variable names mirror torchvision: `inner_blocks_{i}` (torch `inner_blocks.{i}.0`, 1x1 lateral
 convs) and `layer_blocks_{i}` (torch `layer_blocks.{i}.0`, 3x3 output convs), both with bias;
-with `norm='frozen_bn'` (torchvision v2's `norm_layer=BatchNorm2d`) the convs have no bias and
-are followed by `inner_bn_{i}` / `layer_bn_{i}` (torch `inner_blocks.{i}.1` / `layer_blocks.{i}.1`).
+with a `norm` (torchvision v2's `norm_layer=BatchNorm2d`: 'batch_norm', or 'frozen_bn' for its
+running statistics only) the convs have no bias and are followed by `inner_bn_{i}` /
+`layer_bn_{i}` (torch `inner_blocks.{i}.1` / `layer_blocks.{i}.1`).
 """
 
 from typing import Any, Optional, Sequence
@@ -34,12 +35,14 @@ class FeaturePyramidNetwork(nn.Module):
       out_channels: width of every output level (256 in Mask R-CNN).
       extra_max_pool: append torchvision's `LastLevelMaxPool` level (`max_pool2d(kernel 1,
         stride 2)` of the coarsest output, i.e. `x[:, ::2, ::2]`), giving P6.
-      norm: None (v1) or 'frozen_bn' (v2: conv without bias + batch norm, running statistics).
+      norm: None (v1) or v2's conv without bias + batch norm: 'batch_norm' (batch statistics
+        in training) or 'frozen_bn' (running statistics only).
       dtype: computation dtype (None: input dtype); parameters stay float32.
 
     Call: features, a sequence of NHWC maps (C2..C5), finest first. Returns a tuple of NHWC maps
     (P2..P5[, P6]) with `out_channels` channels, finest first (zeroed outside `pixel_valid`,
-    (N, H, W) bool at canvas resolution, when given; see `resnet.zero_outside`) — torchvision's '0'..'3', 'pool'.
+    (N, H, W) bool at canvas resolution, when given; see `resnet.zero_outside`) — torchvision's
+    '0'..'3', 'pool'. `train` (static): batch norms use batch statistics.
     """
 
     out_channels: int = 256
@@ -48,12 +51,14 @@ class FeaturePyramidNetwork(nn.Module):
     dtype: Any = None
 
     @nn.compact
-    def __call__(self, features: Sequence, pixel_valid=None):
+    def __call__(self, features: Sequence, pixel_valid=None, train: bool = False):
         def block(kind, i, kernel_size, x):
             x = conv2d(self.out_channels, kernel_size, 1, kernel_size // 2,
                        use_bias=self.norm is None, dtype=self.dtype, kernel_init=_fpn_init,
                        name=f"{kind}_blocks_{i}")(x)
-            return x if self.norm is None else head_norm(self.norm, self.dtype, f"{kind}_bn_{i}")(x)
+            if self.norm is None:
+                return x
+            return head_norm(self.norm, f"{kind}_bn_{i}", x, self.dtype, train)
 
         def inner(i, x):
             return block("inner", i, 1, x)

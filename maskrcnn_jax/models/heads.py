@@ -5,8 +5,9 @@ All modules take a computation `dtype` (None: input dtype); parameters stay floa
 
 torchvision's v2 (`maskrcnn_resnet50_fpn_v2`) differs in its heads: a 2-conv RPN head
 (`RPNHead(conv_depth=2)`), `FastRCNNConvFCHead` as box head, and batch norm after each mask-head
-conv (conv without bias). Its BatchNorm2d layers run here as `FrozenBatchNorm` (running
-statistics, `'batch_stats'`), as torchvision's do in eval mode.
+conv (conv without bias). Its BatchNorm2d layers are `norm='batch_norm'` (`norm.BatchNorm`:
+batch statistics over the valid RoIs in training) or, frozen, `norm='frozen_bn'` (running
+statistics only, as torchvision's in eval mode).
 """
 
 from typing import Any, Optional, Sequence
@@ -14,21 +15,21 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from maskrcnn_jax.models.resnet import FrozenBatchNorm, conv2d, zero_outside
+from maskrcnn_jax.models.norm import BATCH_NORM_EPS, normalize
+from maskrcnn_jax.models.resnet import conv2d, zero_outside
 from maskrcnn_jax.ops.conv import conv_nhwc
 
-# torch.nn.BatchNorm2d's eps (v2's FPN and head norms).
-BATCH_NORM_EPS = 1e-5
-
 _relu_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+HEAD_NORMS = ("frozen_bn", "batch_norm")
 
 
-def head_norm(norm: str, dtype, name: str):
-    """The norm layer after a conv of the FPN or a head: 'frozen_bn' only (v2's BatchNorm2d with
-    its running statistics)."""
-    if norm != "frozen_bn":
-        raise ValueError(f"unknown head norm {norm!r}; choose 'frozen_bn' or None")
-    return FrozenBatchNorm(BATCH_NORM_EPS, dtype=dtype, name=name)
+def head_norm(norm: str, name: str, x, dtype=None, train: bool = False, mask=None):
+    """v2's BatchNorm2d after a conv of the FPN or a head, created in the caller's compact scope
+    and applied to `x`: 'batch_norm' (`norm.BatchNorm`; `train`: statistics over `mask`'s
+    entries) or 'frozen_bn' (its running statistics only)."""
+    if norm not in HEAD_NORMS:
+        raise ValueError(f"unknown head norm {norm!r}; choose from {HEAD_NORMS} or None")
+    return normalize(norm, name, x, eps=BATCH_NORM_EPS, dtype=dtype, train=train, mask=mask)
 
 
 def _dense(features, dtype, name):
@@ -98,22 +99,25 @@ class FastRCNNConvFCHead(nn.Module):
     """torchvision `FastRCNNConvFCHead` with batch norm (v2's box head): 3x3 conv (no bias) +
     norm + relu layers, flatten, linear + relu layers.
 
-    Call: x (R, H, W, C) pooled RoI features (NHWC, 7x7x256). Variables `conv_{i}` / `bn_{i}`
-    (torch `box_head.{i}.0` / `box_head.{i}.1`) and `fc_{j}` (the j-th Linear). Flattened in
-    (h, w, c) order (the converter permutes the first Linear's weight from torch's (c, h, w)).
-    Returns (R, fc_layers[-1]).
+    Call: x (R, H, W, C) pooled RoI features (NHWC, 7x7x256); `train` (static) and `valid`
+    (R,) bool, the RoIs the batch norms' statistics cover (training). Variables `conv_{i}` /
+    `bn_{i}` (torch `box_head.{i}.0` / `box_head.{i}.1`) and `fc_{j}` (the j-th Linear).
+    Flattened in (h, w, c) order (the converter permutes the first Linear's weight from torch's
+    (c, h, w)). Returns (R, fc_layers[-1]).
     """
 
     conv_layers: Sequence[int] = (256, 256, 256, 256)
     fc_layers: Sequence[int] = (1024,)
+    norm: str = "batch_norm"
     dtype: Any = None
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, train: bool = False, valid=None):
+        mask = None if valid is None else valid[:, None, None]
         for i, features in enumerate(self.conv_layers):
             x = conv2d(features, 3, 1, 1, dtype=self.dtype, kernel_init=_relu_fan_out,
                        name=f"conv_{i}")(x)
-            x = nn.relu(head_norm("frozen_bn", self.dtype, f"bn_{i}")(x))
+            x = nn.relu(head_norm(self.norm, f"bn_{i}", x, self.dtype, train, mask))
         x = x.reshape(x.shape[0], -1)
         for j, features in enumerate(self.fc_layers):
             x = nn.relu(_dense(features, self.dtype, f"fc_{j}")(x))
@@ -139,10 +143,11 @@ class FastRCNNPredictor(nn.Module):
 
 
 class MaskRCNNHeads(nn.Module):
-    """torchvision `MaskRCNNHeads`: a stack of 3x3 conv (+bias) + relu layers; with
-    `norm='frozen_bn'` (v2's `norm_layer=BatchNorm2d`) conv without bias + norm + relu.
+    """torchvision `MaskRCNNHeads`: a stack of 3x3 conv (+bias) + relu layers; with a `norm`
+    (`HEAD_NORMS`, v2's `norm_layer=BatchNorm2d`) conv without bias + norm + relu.
 
-    Call: x (R, 14, 14, C) pooled RoI features, NHWC. Returns (R, 14, 14, layers[-1]).
+    Call: x (R, 14, 14, C) pooled RoI features, NHWC; `train` (static) and `valid` (R,) bool,
+    the RoIs the batch norms' statistics cover (training). Returns (R, 14, 14, layers[-1]).
     Variables `mask_fcn{i}` are torch's `mask_head.{i-1}.0`, `mask_bn{i}` its `mask_head.{i-1}.1`.
     """
 
@@ -152,7 +157,8 @@ class MaskRCNNHeads(nn.Module):
     dtype: Any = None
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, train: bool = False, valid=None):
+        mask = None if valid is None else valid[:, None, None]
         for i, features in enumerate(self.layers):
             conv = nn.Conv(
                 features, (3, 3),
@@ -164,7 +170,7 @@ class MaskRCNNHeads(nn.Module):
             )
             x = conv(x)
             if self.norm is not None:
-                x = head_norm(self.norm, self.dtype, f"mask_bn{i + 1}")(x)
+                x = head_norm(self.norm, f"mask_bn{i + 1}", x, self.dtype, train, mask)
             x = nn.relu(x)
         return x
 

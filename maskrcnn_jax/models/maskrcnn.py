@@ -42,7 +42,7 @@ ROI_LEVELS = FPN_LEVELS[:4]
 ROI_SCALES = tuple(1 / 2**k for k in ROI_LEVELS)
 ROI_SAMPLING_RATIO = 2
 BOX_POOL_SIZE = (7, 7)
-DEFAULT_MASK_SIZE = 28  # configs saved before `mask_size` existed ran with torchvision's 28
+DEFAULT_MASK_SIZE = 28  # torchvision's; a config without `mask_size` has it
 
 
 def mask_pool_size(config) -> Tuple[int, int]:
@@ -84,30 +84,32 @@ class MaskRCNN(nn.Module):
         dtype = None if cfg.compute_dtype == "float32" else jnp.dtype(cfg.compute_dtype)
         if cfg.backbone not in BACKBONES:
             raise ValueError(f"unknown backbone {cfg.backbone!r}; choose from {sorted(BACKBONES)}")
-        # Configs saved before `frozen_bn_eps` existed ran with torchvision's default 1e-5.
+        backbone_norm, head_norm = norm_kinds(cfg)
+        # Defaults for configs without the keys: torchvision's eps and v1.
         self.backbone = BACKBONES[cfg.backbone](
-            dtype=dtype, norm=cfg.get("backbone_norm", "frozen_bn"),
-            frozen_bn_eps=float(cfg.get("frozen_bn_eps", 1e-5)))
+            dtype=dtype, norm=backbone_norm, frozen_bn_eps=float(cfg.get("frozen_bn_eps", 1e-5)))
         # torchvision v2: batch norm in the FPN and heads, 2-conv RPN head, conv+fc box head.
-        # Configs saved before `architecture` existed are v1.
         v2 = cfg.get("architecture", "v1") == "v2"
-        norm = "frozen_bn" if v2 else None
-        self.fpn = models.FeaturePyramidNetwork(cfg.fpn_channels, norm=norm, dtype=dtype)
+        self.fpn = models.FeaturePyramidNetwork(cfg.fpn_channels, norm=head_norm, dtype=dtype)
         self.rpn_head = models.RPNHead(num_anchors=3, conv_depth=2 if v2 else 1, dtype=dtype)
         if v2:
             self.box_head = models.FastRCNNConvFCHead(
-                (cfg.fpn_channels,) * 4, (cfg.box_representation_size,), dtype=dtype)
+                (cfg.fpn_channels,) * 4, (cfg.box_representation_size,), norm=head_norm,
+                dtype=dtype)
         else:
             self.box_head = models.TwoMLPHead(cfg.box_representation_size, dtype=dtype)
         self.box_predictor = models.FastRCNNPredictor(cfg.num_classes, dtype=dtype)
-        self.mask_head = models.MaskRCNNHeads(tuple(cfg.mask_head_layers), norm=norm, dtype=dtype)
+        self.mask_head = models.MaskRCNNHeads(tuple(cfg.mask_head_layers), norm=head_norm,
+                                              dtype=dtype)
         self.mask_predictor = models.MaskRCNNPredictor(
             cfg.num_classes, cfg.mask_dim_reduced, dtype=dtype)
 
-    def features(self, images, padded_sizes):
-        """FPN levels P2..P6 `(B, h_l, w_l, 256)` of canvas images `(B, H, W, 3)`."""
+    def features(self, images, padded_sizes, train: bool = False):
+        """FPN levels P2..P6 `(B, h_l, w_l, 256)` of canvas images `(B, H, W, 3)`; `train`:
+        batch norms on batch statistics (over the whole canvas batch, as torchvision's over its
+        padded batch tensor)."""
         pixel_valid = canvas_valid(images.shape[1:3], padded_sizes)
-        return self.fpn(self.backbone(images, pixel_valid), pixel_valid)
+        return self.fpn(self.backbone(images, pixel_valid, train), pixel_valid, train)
 
     def proposals(self, fpn_features, anchors, anchor_valid, image_sizes, train: bool = False,
                   pixel_valid=None):
@@ -145,16 +147,26 @@ class MaskRCNN(nn.Module):
 
         return jax.vmap(one_image)(levels, boxes, padded_sizes)
 
-    def box_outputs(self, roi_features):
-        """Box head + predictor on `(B, R, 7, 7, C)`: class logits `(B, R, K)`, deltas `(B, R, 4K)`."""
+    def box_outputs(self, roi_features, train: bool = False, valid=None):
+        """Box head + predictor on `(B, R, 7, 7, C)`: class logits `(B, R, K)`, deltas
+        `(B, R, 4K)`. `train` / `valid (B, R)`: a batch-normed head's statistics (v2) over the
+        valid RoIs."""
         b, r = roi_features.shape[:2]
-        logits, deltas = self.box_predictor(self.box_head(roi_features.reshape(b * r, *roi_features.shape[2:])))
+        flat = roi_features.reshape(b * r, *roi_features.shape[2:])
+        if isinstance(self.box_head, models.FastRCNNConvFCHead):
+            hidden = self.box_head(flat, train, None if valid is None else valid.reshape(b * r))
+        else:
+            hidden = self.box_head(flat)
+        logits, deltas = self.box_predictor(hidden)
         return logits.reshape(b, r, -1), deltas.reshape(b, r, -1)
 
-    def mask_logits(self, roi_features):
-        """Mask head + predictor on `(B, D, 14, 14, C)`: logits `(B, D, 28, 28, K)`."""
+    def mask_logits(self, roi_features, train: bool = False, valid=None):
+        """Mask head + predictor on `(B, D, 14, 14, C)`: logits `(B, D, 28, 28, K)`. `train` /
+        `valid (B, D)`: a batch-normed head's statistics (v2) over the valid RoIs."""
         b, d = roi_features.shape[:2]
-        logits = self.mask_predictor(self.mask_head(roi_features.reshape(b * d, *roi_features.shape[2:])))
+        flat = roi_features.reshape(b * d, *roi_features.shape[2:])
+        hidden = self.mask_head(flat, train, None if valid is None else valid.reshape(b * d))
+        logits = self.mask_predictor(hidden)
         return logits.reshape(b, d, *logits.shape[1:])
 
     def create_parameters(self, images, padded_sizes):
@@ -190,7 +202,7 @@ class MaskRCNN(nn.Module):
 
     def _rpn(self, images, padded_sizes, image_sizes, train: bool):
         """FPN features, anchors `(B, N_l, 4)` per level with their validity, RPN outputs."""
-        fpn_features = self.features(images, padded_sizes)
+        fpn_features = self.features(images, padded_sizes, train)
         feature_sizes = [f.shape[1:3] for f in fpn_features]
         anchors, anchor_valid = jax.vmap(
             lambda p: multilevel_anchors_for_image(feature_sizes, FPN_LEVELS, p))(padded_sizes)
@@ -294,7 +306,7 @@ class MaskRCNN(nn.Module):
             bbox_reg_weights=tuple(cfg.bbox_reg_weights),
         ))(proposals, rpn["proposal_valid"], gt_boxes, gt_labels, gt_valid, roi_keys)
         box_features = self.pool(fpn_features, roi_tg["boxes"], padded_sizes, BOX_POOL_SIZE)
-        class_logits, box_regression = self.box_outputs(box_features)
+        class_logits, box_regression = self.box_outputs(box_features, True, roi_tg["valid"])
 
         rois = jax.vmap(lambda t: tg.positive_rois(t, num_mask_rois))(roi_tg)
         mask_size = 2 * mask_pool_size(cfg)[0]
@@ -313,7 +325,7 @@ class MaskRCNN(nn.Module):
                 mask_pool_size(cfg))
             mask_features = jnp.take_along_axis(
                 pooled, image_index[None, :, None, None, None], axis=0)
-        mask_logits = self.mask_logits(mask_features)
+        mask_logits = self.mask_logits(mask_features, True, rois["valid"])
         return {
             "objectness": jnp.concatenate(rpn["objectness"], axis=1),
             "rpn_deltas": jnp.concatenate(rpn["rpn_deltas"], axis=1),
@@ -323,6 +335,24 @@ class MaskRCNN(nn.Module):
             "roi_targets": roi_tg,
             "mask_rois": rois, "mask_logits": mask_logits, "mask_targets": mask_targets,
         }
+
+
+def norm_kinds(config) -> Tuple[str, Optional[str]]:
+    """The backbone's norm layer and the FPN's / heads' (None: v1 has none) for a config.
+
+    torchvision's BatchNorm2d layers (v2's everywhere; a v1 backbone with
+    `backbone_norm='batch_norm'`, torchvision's ResNet without pretrained weights) train as
+    torchvision's in train mode (`batch_norm='train'`: batch statistics, running statistics
+    updated) or, with `batch_norm='frozen'`, run on their running statistics as
+    FrozenBatchNorm2d. A v1 backbone of `backbone_norm='frozen_bn'` (pretrained weights) is
+    FrozenBatchNorm2d either way.
+    """
+    mode = config.get("batch_norm", "train")
+    batch_norm = "batch_norm" if mode == "train" else "frozen_bn"
+    backbone = config.get("backbone_norm", "frozen_bn")
+    if backbone == "batch_norm":
+        backbone = batch_norm
+    return backbone, (batch_norm if config.get("architecture", "v1") == "v2" else None)
 
 
 def frozen(config) -> ml_collections.FrozenConfigDict:

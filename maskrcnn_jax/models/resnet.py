@@ -1,15 +1,15 @@
-"""ResNet body (C2..C5) with torchvision's exact padding and FrozenBatchNorm2d arithmetic.
+"""ResNet body (C2..C5) with torchvision's exact padding and normalisation arithmetic.
 
 Layout is NHWC. Parameters are float32 (`param_dtype`); `dtype` is the computation dtype
 (None: the input's dtype, e.g. jnp.bfloat16 for mixed precision).
 
-Variable names mirror torchvision's state-dict names so that `convert_weights` stays a plain
+Variable names mirror torchvision's state-dict names so that conversion
+(`maskrcnn_jax.torchvision`) stays a plain
 renaming: `conv1`, `bn1`, `layer{i}_{j}` (torch `layer{i}.{j}`) with `conv1..3`, `bn1..3`,
 `downsample_conv` / `downsample_bn` (torch `downsample.0` / `downsample.1`).
 """
 
 import functools
-import math
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from maskrcnn_jax.models.norm import valid_at
+from maskrcnn_jax.models.norm import normalize as _normalize
 from maskrcnn_jax.ops.conv import conv_nhwc
 
 # torchvision's ResNet initialises convs with kaiming_normal_(mode="fan_out", relu).
@@ -46,16 +48,6 @@ def conv2d(features, kernel_size, strides=1, padding=0, use_bias=False, dtype=No
     )
 
 
-def valid_at(x, pixel_valid):
-    """`pixel_valid (N, H, W)` at the resolution of the NHWC map `x`: `(N, h, w)` bool.
-
-    Strides are powers of two; the nearest one to canvas/map size (as torchvision infers
-    scales) also holds for the ceil-sized maps of canvases not divisible by 64 (P6).
-    """
-    stride = 2 ** round(math.log2(pixel_valid.shape[1] / x.shape[1]))
-    return pixel_valid[:, ::stride, ::stride][:, : x.shape[1], : x.shape[2]]
-
-
 def zero_outside(x, pixel_valid):
     """Zero an NHWC map outside each image's valid region.
 
@@ -74,93 +66,11 @@ def zero_outside(x, pixel_valid):
     return x * valid_at(x, pixel_valid)[..., None].astype(x.dtype)
 
 
-class FrozenBatchNorm(nn.Module):
-    """torchvision's `FrozenBatchNorm2d`: a fixed per-channel affine map.
-
-    Computes exactly as torch does: `scale = weight * rsqrt(running_var + eps)`,
-    `bias = bias - running_mean * scale`, `x * scale + bias`. The four float32 buffers live in
-    the `'batch_stats'` collection under torch's names and are never updated.
-
-    Attributes:
-      eps: added to `running_var`; torchvision's default 1e-5, but its official COCO Mask R-CNN
-        checkpoint runs with 0.0 (`overwrite_eps(model, 0.0)` in its weights builder).
-      dtype: computation dtype (None: the input's).
-
-    Input/output: (..., C) channels-last array; output in `dtype` (default: input dtype).
-    """
-
-    eps: float = 1e-5
-    dtype: Any = None
-
-    @nn.compact
-    def __call__(self, x):
-        c = x.shape[-1]
-
-        def buffer(name, init):
-            return self.variable("batch_stats", name, init, (c,), jnp.float32).value
-
-        weight = buffer("weight", jnp.ones)
-        bias = buffer("bias", jnp.zeros)
-        running_mean = buffer("running_mean", jnp.zeros)
-        running_var = buffer("running_var", jnp.ones)
-        # Fold in float32 (as torch does), then apply in the computation dtype.
-        scale = weight * lax.rsqrt(running_var + self.eps)
-        shift = bias - running_mean * scale
-        dtype = self.dtype if self.dtype is not None else x.dtype
-        return x.astype(dtype) * scale.astype(dtype) + shift.astype(dtype)
-
-
-class MaskedGroupNorm(nn.Module):
-    """GroupNorm whose statistics cover only each image's valid region (trainable scale/bias).
-
-    For training from scratch, where FrozenBatchNorm's fixed affine map leaves a deep ResNet
-    without normalisation (He et al., "Rethinking ImageNet Pre-training", use GroupNorm there).
-    Statistics over the valid pixels only keep every image's features independent of the canvas
-    it is padded into, as `zero_outside` does for the convolutions; the padded region's output is
-    not meaningful (later `zero_outside` calls clear it). Not a torchvision module: models with it
-    do not convert to torchvision.
-
-    Attributes:
-      num_groups: groups (32 as in the paper), reduced to a divisor of narrow widths.
-      eps: added to the variance.
-
-    Input/output: (N, h, w, C); statistics in float32, output in `dtype` (default input dtype).
-    """
-
-    num_groups: int = 32
-    eps: float = 1e-5
-    dtype: Any = None
-
-    @nn.compact
-    def __call__(self, x, pixel_valid=None):
-        n, h, w, c = x.shape
-        groups = math.gcd(self.num_groups, c)
-        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-        xg = x.astype(jnp.float32).reshape(n, h, w, groups, c // groups)
-        if pixel_valid is None:
-            weight = jnp.ones((n, h, w, 1, 1), jnp.float32)
-        else:
-            weight = valid_at(x, pixel_valid).astype(jnp.float32)[..., None, None]
-        count = jnp.maximum(jnp.sum(weight, axis=(1, 2, 4), keepdims=True) * (c // groups), 1.0)
-        mean = jnp.sum(xg * weight, axis=(1, 2, 4), keepdims=True) / count
-        centered = xg - mean
-        var = jnp.sum(jnp.square(centered) * weight, axis=(1, 2, 4), keepdims=True) / count
-        y = (centered * lax.rsqrt(var + self.eps)).reshape(n, h, w, c) * scale + bias
-        return y.astype(self.dtype if self.dtype is not None else x.dtype)
-
-
-NORMS = ("frozen_bn", "group_norm")
-
-
-def _norm(block, name, x, pixel_valid):
-    """The block's normalisation layer `name` applied to `x` (inside the caller's compact scope);
-    FrozenBatchNorm uses the block's `frozen_bn_eps`."""
-    if block.norm == "frozen_bn":
-        return FrozenBatchNorm(eps=block.frozen_bn_eps, dtype=block.dtype, name=name)(x)
-    if block.norm == "group_norm":
-        return MaskedGroupNorm(dtype=block.dtype, name=name)(x, pixel_valid)
-    raise ValueError(f"unknown norm {block.norm!r}; choose from {NORMS}")
+def _norm(block, name, x, pixel_valid, train):
+    """The block's normalisation layer `name` applied to `x` (inside the caller's compact
+    scope); FrozenBatchNorm uses the block's `frozen_bn_eps`."""
+    return _normalize(block.norm, name, x, eps=block.frozen_bn_eps, dtype=block.dtype,
+                      train=train, pixel_valid=pixel_valid)
 
 
 class BasicBlock(nn.Module):
@@ -178,14 +88,14 @@ class BasicBlock(nn.Module):
     expansion = 1
 
     @nn.compact
-    def __call__(self, x, pixel_valid=None):
+    def __call__(self, x, pixel_valid=None, train: bool = False):
         out_features = self.features * self.expansion
         y = conv2d(self.features, 3, self.strides, 1, dtype=self.dtype, name="conv1")(x)
-        y = nn.relu(_norm(self, "bn1", y, pixel_valid))
+        y = nn.relu(_norm(self, "bn1", y, pixel_valid, train))
         y = zero_outside(y, pixel_valid)
         y = conv2d(self.features, 3, 1, 1, dtype=self.dtype, name="conv2")(y)
-        y = _norm(self, "bn2", y, pixel_valid)
-        return zero_outside(nn.relu(y + _shortcut(self, x, out_features, pixel_valid)),
+        y = _norm(self, "bn2", y, pixel_valid, train)
+        return zero_outside(nn.relu(y + _shortcut(self, x, out_features, pixel_valid, train)),
                             pixel_valid)
 
 
@@ -204,26 +114,26 @@ class BottleneckBlock(nn.Module):
     expansion = 4
 
     @nn.compact
-    def __call__(self, x, pixel_valid=None):
+    def __call__(self, x, pixel_valid=None, train: bool = False):
         out_features = self.features * self.expansion
         y = conv2d(self.features, 1, dtype=self.dtype, name="conv1")(x)
-        y = nn.relu(_norm(self, "bn1", y, pixel_valid))
+        y = nn.relu(_norm(self, "bn1", y, pixel_valid, train))
         y = zero_outside(y, pixel_valid)
         y = conv2d(self.features, 3, self.strides, 1, dtype=self.dtype, name="conv2")(y)
-        y = nn.relu(_norm(self, "bn2", y, pixel_valid))
+        y = nn.relu(_norm(self, "bn2", y, pixel_valid, train))
         y = conv2d(out_features, 1, dtype=self.dtype, name="conv3")(y)
-        y = _norm(self, "bn3", y, pixel_valid)
-        return zero_outside(nn.relu(y + _shortcut(self, x, out_features, pixel_valid)),
+        y = _norm(self, "bn3", y, pixel_valid, train)
+        return zero_outside(nn.relu(y + _shortcut(self, x, out_features, pixel_valid, train)),
                             pixel_valid)
 
 
-def _shortcut(block, x, out_features, pixel_valid):
+def _shortcut(block, x, out_features, pixel_valid, train):
     """Identity, or torchvision's `downsample` (1x1 conv with the block's stride + BN) when the
     spatial size or the width changes. Called inside the block's compact scope."""
     if block.strides == 1 and x.shape[-1] == out_features:
         return x.astype(block.dtype) if block.dtype is not None else x
     x = conv2d(out_features, 1, block.strides, dtype=block.dtype, name="downsample_conv")(x)
-    return _norm(block, "downsample_bn", x, pixel_valid)
+    return _norm(block, "downsample_bn", x, pixel_valid, train)
 
 
 def max_pool_3x3_s2(x):
@@ -243,13 +153,15 @@ class ResNet(nn.Module):
       block_cls: `BottleneckBlock` or `BasicBlock`.
       width: stem / first-stage width (64 in torchvision); stage i uses width * 2**i.
       dtype: computation dtype (None: input dtype); parameters stay float32.
-      norm: 'frozen_bn' (torchvision's FrozenBatchNorm2d, buffers in 'batch_stats') or
-        'group_norm' (`MaskedGroupNorm`, trainable, for training from scratch).
+      norm: 'frozen_bn' (torchvision's FrozenBatchNorm2d, buffers in 'batch_stats': pretrained
+        weights), 'batch_norm' (torch's BatchNorm2d, `norm.BatchNorm`: torchvision's ResNet
+        without pretrained weights, and v2's) or 'group_norm' (`MaskedGroupNorm`).
       frozen_bn_eps: FrozenBatchNorm's eps (torchvision's 1e-5; 0.0 reproduces torchvision's
         official COCO_V1 Mask R-CNN checkpoint, which it runs with `overwrite_eps(model, 0.0)`).
 
     Call: x (N, H, W, 3) normalised image, float; optional pixel_valid (N, H, W) bool, the
-    region torchvision would run on (see `zero_outside`). Returns a tuple (C2, C3, C4, C5) of NHWC maps
+    region torchvision would run on (see `zero_outside`); `train` (static): batch norms use
+    batch statistics and update their running ones. Returns a tuple (C2, C3, C4, C5) of NHWC maps
     at strides 4, 8, 16, 32 (each spatial size is ceil of the previous / 2, as torch computes),
     with widths width * 2**i * block_cls.expansion — torchvision's `backbone.body` '0'..'3'.
     """
@@ -262,9 +174,9 @@ class ResNet(nn.Module):
     frozen_bn_eps: float = 1e-5
 
     @nn.compact
-    def __call__(self, x, pixel_valid=None):
+    def __call__(self, x, pixel_valid=None, train: bool = False):
         x = conv2d(self.width, 7, 2, 3, dtype=self.dtype, name="conv1")(x)
-        x = nn.relu(_norm(self, "bn1", x, pixel_valid))
+        x = nn.relu(_norm(self, "bn1", x, pixel_valid, train))
         # After the ReLU every value is >= 0, so zeros outside the region act as torch's -inf
         # max-pool padding. Pooling windows straddling the region's edge leak valid values just
         # outside it, which the first block's 3x3 conv (BasicBlock) would read: zero them again.
@@ -275,7 +187,7 @@ class ResNet(nn.Module):
                 strides = 2 if (i > 0 and j == 0) else 1
                 x = self.block_cls(self.width * 2**i, strides, dtype=self.dtype, norm=self.norm,
                                    frozen_bn_eps=self.frozen_bn_eps,
-                                   name=f"layer{i + 1}_{j}")(x, pixel_valid)
+                                   name=f"layer{i + 1}_{j}")(x, pixel_valid, train)
             features.append(x)
         return tuple(features)
 

@@ -1,9 +1,8 @@
 """2-D convolution (NHWC input, HWIO kernel) whose kernel gradient is kh x kw matmuls.
 
 XLA's CPU backend computes the kernel gradient of a convolution (the weight-update correlation
-of input and output cotangent) several times slower per FLOP than the forward convolution:
-measured on 2 cores, a 3x3 256->256 conv on (2, 128, 128, 256): forward 0.48 s, input gradient
-0.58 s, kernel gradient 3.70 s, the same kernel gradient as 9 matmuls 0.67 s. `conv_nhwc` is
+of input and output cotangent) several times slower per FLOP than the forward convolution, and
+slower than the same gradient as kh x kw matmuls (figures in BENCHMARKS.md). `conv_nhwc` is
 `lax.conv_general_dilated` with that gradient: for each kernel tap (i, j), `dw[i, j]` is the
 contraction of the (strided) input window shifted by the tap with the output cotangent over
 batch and space. The input gradient is the transposed convolution (`jax.linear_transpose`, no

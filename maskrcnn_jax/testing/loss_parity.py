@@ -1,4 +1,5 @@
-"""Shared set-up of the training-loss parity tests (tests/test_losses.py, test_gradient_parity.py).
+"""Shared set-up of the training-loss parity tests (tests/training/test_losses.py,
+tests/training/test_gradient_parity.py).
 
 A torchvision Mask R-CNN (ResNet-50 FPN, FrozenBatchNorm2d as with loaded weights, stem and layer1
 frozen as with `trainable_backbone_layers=3`, BN buffers and biases randomised, objectness /
@@ -25,8 +26,8 @@ PARITY_KWARGS = dict(
     box_batch_size_per_image=1024, box_positive_fraction=1.0,
 )
 # v2: fewer proposals. Its box head runs four 3x3 convs on every sampled RoI (1000 + G per image
-# here, all sampled), which at 1000 made its float32 + float64 gradient comparison ~290 s on 2
-# cores against ~90 s for v1; 256 still covers every positive and far more negatives than G.
+# here, all sampled), which at 1000 made its gradient comparison several times v1's; 256 still
+# covers every positive and far more negatives than G.
 V2_KWARGS = dict(rpn_post_nms_top_n_train=256)
 # Larger than the images' padded size (224, 288): anchors and features beyond it are invalid.
 PARITY_CANVAS = (256, 320)
@@ -142,8 +143,9 @@ def build(architecture="v1"):
         torch_model = torchvision.models.detection.MaskRCNN(
             _resnet_fpn_extractor(body, TRAINABLE_LAYERS), **kwargs)
     randomize(torch_model, seed=1, architecture=architecture)
+    # The torch model's norms are FrozenBatchNorm2d: ours frozen too (`batch_norm='frozen'`).
     config, variables = from_torchvision(
-        torch_model.state_dict(), canvas_size=PARITY_CANVAS, **kwargs)
+        torch_model.state_dict(), canvas_size=PARITY_CANVAS, batch_norm="frozen", **kwargs)
 
     rng = np.random.default_rng(0)
     batch = preprocess([image(rng, h, w) for h, w in ORIGINAL_SHAPES], config)

@@ -76,15 +76,16 @@ def torchvision_maskrcnn(config):
 
     `maskrcnn_resnet50_fpn` fixes the FPN and head widths; this builds the same network from
     torchvision's parts for any config: a `resnet18/34/50/101` body with FrozenBatchNorm2d of eps
-    `frozen_bn_eps` (0.0 for the official COCO_V1 checkpoint) in a `BackboneWithFPN` of
+    `frozen_bn_eps` (0.0 for the official COCO_V1 checkpoint), or BatchNorm2d where the config's
+    batch norms train (`models.maskrcnn.norm_kinds`), in a `BackboneWithFPN` of
     `fpn_channels` (as `_resnet_fpn_extractor`, LastLevelMaxPool),
     `RPNHead(fpn_channels, 3)`, `TwoMLPHead(fpn_channels * 7 * 7, box_representation_size)`,
     `FastRCNNPredictor`, `MaskRCNNHeads(fpn_channels, mask_head_layers, 1)`,
     `MaskRCNNPredictor(mask_head_layers[-1], mask_dim_reduced, num_classes)`; for
-    `architecture='v2'` as `maskrcnn_resnet50_fpn_v2`: FPN and mask head with
-    `norm_layer=FrozenBatchNorm2d`, `RPNHead(conv_depth=2)`, `FastRCNNConvFCHead((fpn_channels,
-    7, 7), [fpn_channels] * 4, [box_representation_size], norm_layer=FrozenBatchNorm2d)` (v2's
-    BatchNorm2d layers as they run in eval mode). The resize
+    `architecture='v2'` as `maskrcnn_resnet50_fpn_v2`: FPN and mask head with `norm_layer`
+    BatchNorm2d (FrozenBatchNorm2d for `batch_norm='frozen'`), `RPNHead(conv_depth=2)`,
+    `FastRCNNConvFCHead((fpn_channels, 7, 7), [fpn_channels] * 4, [box_representation_size],
+    norm_layer=...)`. The resize
     (`min_size`, `max_size`, `size_divisible`), normalization, RPN and box thresholds, and the
     RPN's minimum box size (`rpn_min_size`) follow the config. maskrcnn_jax's
     `box_pre_nms_top_n` has no torchvision counterpart (torchvision keeps every candidate above
@@ -108,11 +109,17 @@ def torchvision_maskrcnn(config):
     from torchvision.models.detection.rpn import RPNHead
     from torchvision.ops.misc import FrozenBatchNorm2d
 
+    from maskrcnn_jax.models.maskrcnn import norm_kinds
+
     check_torchvision_architecture(config)
+    # torchvision's module for each of our norm layers: BatchNorm2d where ours trains as it
+    # (`norm_kinds`: 'batch_norm'), FrozenBatchNorm2d where ours is frozen.
+    backbone_norm, head_norm = norm_kinds(config)
+    layer_of = {"batch_norm": torch.nn.BatchNorm2d, "frozen_bn": FrozenBatchNorm2d, None: None}
     body = getattr(torchvision.models, config.backbone)(weights=None,
-                                                        norm_layer=FrozenBatchNorm2d)
+                                                        norm_layer=layer_of[backbone_norm])
     # The state dict carries no eps: set the config's (as torchvision's `overwrite_eps`), so that
-    # `to_torchvision` weights run here as in maskrcnn_jax. Old configs: torchvision's 1e-5.
+    # `to_torchvision` weights run here as in maskrcnn_jax (torchvision's 1e-5 by default).
     eps = float(config.get("frozen_bn_eps", 1e-5))
     for m in body.modules():
         if isinstance(m, FrozenBatchNorm2d):
@@ -122,7 +129,7 @@ def torchvision_maskrcnn(config):
     channels = int(config.fpn_channels)
     representation = int(config.box_representation_size)
     v2 = config.get("architecture", "v1") == "v2"
-    norm = FrozenBatchNorm2d if v2 else None
+    norm = layer_of[head_norm]
     stage2 = body.inplanes // 8
     backbone = backbone_utils.BackboneWithFPN(
         body, {f"layer{k}": str(k - 1) for k in range(1, 5)},
@@ -153,8 +160,9 @@ def torchvision_maskrcnn(config):
 def torchvision_coco_metrics(model, source, max_images=None, ground_truth=None):
     """COCO bbox and segm metrics of a torchvision detector on a data source, computed as
     torchvision's reference `coco_eval.py` does, independently of
-    `maskrcnn_jax.inference.evaluation.evaluate` (no maskrcnn_jax pipeline, resize or model): each record's decoded uint8 image is scaled to
-    [0, 1] and run alone through `model` (eval mode), its outputs go through
+    `maskrcnn_jax.inference.evaluation.evaluate` (no maskrcnn_jax pipeline, resize or model):
+    each record's decoded uint8 image is scaled to [0, 1] and run alone through `model` (eval
+    mode), its outputs go through
     `coco_results.detections_to_coco` and pycocotools.
 
     Args:

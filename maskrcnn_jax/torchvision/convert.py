@@ -13,6 +13,8 @@ import re
 
 from maskrcnn_jax.config import STATIC_DEFAULTS, model_config
 from maskrcnn_jax.errors import CheckpointError
+from maskrcnn_jax.models.maskrcnn import variable_shapes
+from maskrcnn_jax.models.norm import fit_norm_layout
 from maskrcnn_jax.torchvision.flax_to_state_dict import flax_to_torchvision
 from maskrcnn_jax.torchvision.state_dict_to_flax import is_v2, resnet_to_flax, torchvision_to_flax
 
@@ -95,6 +97,9 @@ def architecture_of(state_dict) -> dict:
     return {
         "architecture": "v2" if v2 else "v1",
         "backbone": _backbone_name(state_dict),
+        # BatchNorm2d layers count their batches; FrozenBatchNorm2d (pretrained v1) has none.
+        "backbone_norm": ("batch_norm" if "backbone.body.bn1.num_batches_tracked" in state_dict
+                          else "frozen_bn"),
         "num_classes": int(state_dict["roi_heads.box_predictor.cls_score.weight"].shape[0]),
         "fpn_channels": fpn_channels,
         "box_representation_size": representation,
@@ -123,10 +128,13 @@ def from_torchvision(state_dict, frozen_bn_eps=STATIC_DEFAULTS["frozen_bn_eps"],
         plus maskrcnn_jax's static settings (canvas_size, box_pre_nms_top_n, compute_dtype).
 
     The architecture (v1 or v2, backbone depth, `num_classes`, FPN and head widths) is read from
-    the state dict (`architecture_of`); a keyword that disagrees with it (e.g.
-    `architecture="v2"` for a v1 state dict) is an error. v2's BatchNorm2d layers (backbone, FPN
-    and heads) run with their running statistics, as torchvision in eval mode; the backbone's
-    eps is `frozen_bn_eps` (1e-5, BatchNorm2d's, is right for v2's official weights).
+    the state dict (`architecture_of`), and so is the backbone's norm: FrozenBatchNorm2d
+    (pretrained v1: `backbone_norm='frozen_bn'`, eps `frozen_bn_eps`) or BatchNorm2d (v2's, and
+    a v1 built without pretrained weights: 'batch_norm'); a keyword that disagrees with it (e.g.
+    `architecture="v2"` for a v1 state dict) is an error. BatchNorm2d layers (v2's backbone,
+    FPN and heads) run with their running statistics in inference, as torchvision in eval mode,
+    and in training as torchvision in train mode (`batch_norm='train'`, the default) or frozen
+    (`batch_norm='frozen'`); their `num_batches_tracked` is kept.
 
     Raises:
       ValueError: if a keyword disagrees with the state dict's architecture (naming both
@@ -142,16 +150,19 @@ def from_torchvision(state_dict, frozen_bn_eps=STATIC_DEFAULTS["frozen_bn_eps"],
             if given != value:
                 raise ValueError(f"{key}={given!r} given, but the state dict has {value!r}")
     kwargs.update(found)
+    config = model_config(frozen_bn_eps=frozen_bn_eps, **kwargs)
     variables = torchvision_to_flax(state_dict, num_classes=found["num_classes"])
-    return model_config(frozen_bn_eps=frozen_bn_eps, **kwargs), variables
+    return config, fit_norm_layout(variables, variable_shapes(config))
 
 
 def check_torchvision_architecture(config):
     """Raise ValueError if torchvision has no counterpart of the config's backbone: a ResNet
-    18/34/50/101 with FrozenBatchNorm2d (not GroupNorm, not the test-only 'tiny')."""
+    18/34/50/101 with FrozenBatchNorm2d or BatchNorm2d (not GroupNorm, not the test-only
+    'tiny')."""
     norm = config.get("backbone_norm", "frozen_bn")
-    if norm != "frozen_bn":
-        raise ValueError(f"backbone_norm {norm!r} has no torchvision counterpart (frozen_bn only)")
+    if norm not in ("frozen_bn", "batch_norm"):
+        raise ValueError(f"backbone_norm {norm!r} has no torchvision counterpart (frozen_bn or "
+                         "batch_norm)")
     if config.backbone not in ("resnet18", "resnet34", "resnet50", "resnet101"):
         raise ValueError(f"backbone {config.backbone!r} has no torchvision counterpart")
 
@@ -173,6 +184,8 @@ def to_torchvision(config, variables):
     check_torchvision_architecture(config)
     state_dict = flax_to_torchvision(variables)
     for key, value in architecture_of(state_dict).items():
+        if key == "backbone_norm":  # frozen batch norms carry no counter: either is fine
+            continue
         expected = (tuple(config[key]) if key == "mask_head_layers" else
                     config.get("architecture", "v1") if key == "architecture" else config[key])
         if value != expected:

@@ -3,7 +3,8 @@
 `flax_to_torchvision` is the exact inverse of `state_dict_to_flax.torchvision_to_flax` (the
 same layout table read backwards, transposes only, so a round trip is bit-exact): Flax
 variables -> a state dict of NumPy float32 arrays with torchvision's `MaskRCNN` keys
-(FrozenBatchNorm2d backbone: no `num_batches_tracked`).
+(`num_batches_tracked`, int64, for the BatchNorm2d layers that have it; FrozenBatchNorm2d has
+none).
 """
 
 import math
@@ -30,6 +31,11 @@ class _TreeReader:
             raise ValueError(f"variable {path!r} has shape {array.shape}, expected {ndim} dims")
         self._used.add(path)
         return array
+
+    def take_count(self, path):
+        """A `num_batches_tracked` counter as torch's int64 scalar."""
+        self._used.add(path)
+        return np.asarray(self._leaves[path], np.int64)
 
     def check_all_used(self):
         unexpected = sorted(set(self._leaves) - self._used)
@@ -59,9 +65,16 @@ def _torch_linear(reader, path, key, out):
     out[key + "bias"] = reader.take(path + "/bias", 1)
 
 
-def _torch_batch_norm(reader, path, key, out):
-    for name in ("weight", "bias", "running_mean", "running_var"):
-        out[key + name] = reader.take(f"{path}/{name}", 1)
+def _torch_batch_norm(stats, params, path, key, out):
+    """A FrozenBatchNorm (all four in `stats`) or a trainable BatchNorm (weight and bias in
+    `params`, `num_batches_tracked` in `stats`) -> torch's BatchNorm2d / FrozenBatchNorm2d keys."""
+    for name in ("weight", "bias"):
+        where = params if params.has(f"{path}/{name}") else stats
+        out[key + name] = where.take(f"{path}/{name}", 1)
+    for name in ("running_mean", "running_var"):
+        out[key + name] = stats.take(f"{path}/{name}", 1)
+    if stats.has(f"{path}/num_batches_tracked"):
+        out[key + "num_batches_tracked"] = stats.take_count(f"{path}/num_batches_tracked")
 
 
 def flax_to_torchvision(variables):
@@ -88,7 +101,7 @@ def flax_to_torchvision(variables):
     out = {}
     body = "backbone.body."
     _torch_conv(params, "backbone/conv1", body + "conv1.", out)
-    _torch_batch_norm(stats, "backbone/bn1", body + "bn1.", out)
+    _torch_batch_norm(stats, params, "backbone/bn1", body + "bn1.", out)
     for i in range(1, 5):
         j = 0
         while params.has(f"backbone/layer{i}_{j}"):
@@ -96,10 +109,10 @@ def flax_to_torchvision(variables):
             for k in (1, 2, 3):
                 if params.has(f"{path}/conv{k}"):
                     _torch_conv(params, f"{path}/conv{k}", f"{key}conv{k}.", out)
-                    _torch_batch_norm(stats, f"{path}/bn{k}", f"{key}bn{k}.", out)
+                    _torch_batch_norm(stats, params, f"{path}/bn{k}", f"{key}bn{k}.", out)
             if params.has(path + "/downsample_conv"):
                 _torch_conv(params, path + "/downsample_conv", key + "downsample.0.", out)
-                _torch_batch_norm(stats, path + "/downsample_bn", key + "downsample.1.", out)
+                _torch_batch_norm(stats, params, path + "/downsample_bn", key + "downsample.1.", out)
             j += 1
         if j == 0:
             raise KeyError(f"missing variable: 'backbone/layer{i}_0'")
@@ -110,7 +123,7 @@ def flax_to_torchvision(variables):
             key = f"backbone.fpn.{kind}_blocks.{i}."
             _torch_conv(params, f"fpn/{kind}_blocks_{i}", key + "0.", out)
             if stats.has(f"fpn/{kind}_bn_{i}"):
-                _torch_batch_norm(stats, f"fpn/{kind}_bn_{i}", key + "1.", out)
+                _torch_batch_norm(stats, params, f"fpn/{kind}_bn_{i}", key + "1.", out)
             fpn_channels = out[key + "0.weight"].shape[0]
             i += 1
     if fpn_channels is None:
@@ -133,7 +146,7 @@ def flax_to_torchvision(variables):
         n, channels = 0, fpn_channels
         while params.has(f"box_head/conv_{n}"):
             _torch_conv(params, f"box_head/conv_{n}", f"{head}{n}.0.", out)
-            _torch_batch_norm(stats, f"box_head/bn_{n}", f"{head}{n}.1.", out)
+            _torch_batch_norm(stats, params, f"box_head/bn_{n}", f"{head}{n}.1.", out)
             channels = out[f"{head}{n}.0.weight"].shape[0]
             n += 1
         j = 0
@@ -152,7 +165,7 @@ def flax_to_torchvision(variables):
     while params.has(f"mask_head/mask_fcn{i}"):
         _torch_conv(params, f"mask_head/mask_fcn{i}", f"roi_heads.mask_head.{i - 1}.0.", out)
         if stats.has(f"mask_head/mask_bn{i}"):
-            _torch_batch_norm(stats, f"mask_head/mask_bn{i}", f"roi_heads.mask_head.{i - 1}.1.",
+            _torch_batch_norm(stats, params, f"mask_head/mask_bn{i}", f"roi_heads.mask_head.{i - 1}.1.",
                               out)
         i += 1
     _torch_conv(params, "mask_predictor/conv5_mask", "roi_heads.mask_predictor.conv5_mask.", out)

@@ -7,7 +7,9 @@ Layout conversions (torch -> Flax, NCHW -> NHWC):
   fc6 weight (O, C*S*S) in (c, h, w)     -> kernel (S*S*C, O) in (h, w, c) order, so that the
                                             NHWC RoI features are flattened without a transpose.
   FrozenBatchNorm2d / BatchNorm2d        -> 'batch_stats' {weight, bias, running_mean,
-                                            running_var}; `num_batches_tracked` is dropped.
+                                            running_var[, num_batches_tracked (int32)]}; a
+                                            trainable BatchNorm's weight and bias then move to
+                                            'params' (`norm.fit_norm_layout`).
 
 Every tensor is returned as a NumPy float32 array. The structure is read from the keys (block
 counts, bottleneck vs basic blocks, widths), and each tensor's shape is checked against the
@@ -24,10 +26,8 @@ class _StateDictReader:
     """Hands out state-dict tensors as float32 NumPy arrays, checking shapes and tracking use."""
 
     def __init__(self, state_dict, ignore_prefixes=()):
-        self._tensors = {
-            k: v for k, v in state_dict.items()
-            if not k.endswith("num_batches_tracked") and not k.startswith(tuple(ignore_prefixes))
-        }
+        self._tensors = {k: v for k, v in state_dict.items()
+                         if not k.startswith(tuple(ignore_prefixes))}
         self._used = set()
 
     def has(self, key):
@@ -51,6 +51,12 @@ class _StateDictReader:
                              f"expected {expected}")
         self._used.add(key)
         return array
+
+    def take_count(self, key):
+        """A `num_batches_tracked` counter as an int32 NumPy scalar."""
+        value = self._tensors[key]
+        self._used.add(key)
+        return np.asarray(value.item() if hasattr(value, "item") else value, np.int32)
 
     def count(self, pattern):
         """Number of consecutive indices i = 0, 1, ... for which `pattern.format(i)` is a key."""
@@ -80,7 +86,10 @@ def _linear(reader, prefix, in_features, out_features=None):
 
 def _batch_norm(reader, prefix, channels):
     names = ("weight", "bias", "running_mean", "running_var")
-    return {n: reader.take(prefix + n, (channels,)) for n in names}
+    out = {n: reader.take(prefix + n, (channels,)) for n in names}
+    if reader.has(prefix + "num_batches_tracked"):  # BatchNorm2d, not FrozenBatchNorm2d
+        out["num_batches_tracked"] = reader.take_count(prefix + "num_batches_tracked")
+    return out
 
 
 def _convert_resnet(reader, prefix):
@@ -143,7 +152,8 @@ def resnet_to_flax(state_dict):
 
     Args:
       state_dict: mapping of torch keys (`conv1.weight`, `bn1.*`, `layer1.0.conv1.weight`, ...)
-        to torch tensors or arrays. `fc.*` and `num_batches_tracked` are ignored.
+        to torch tensors or arrays. `fc.*` is ignored; a BatchNorm2d's `num_batches_tracked`
+        is kept in `batch_stats`.
     Returns:
       {'params': {...}, 'batch_stats': {...}} for the matching `ResNet18/34/50/101()` module.
     """

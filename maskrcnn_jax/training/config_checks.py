@@ -25,13 +25,14 @@ KNOWN_KEYS = {
          "init_backbone", "init_from", "frozen_backbone_stages", "distributed"},
     "data": {"name", "data_dir", "manual_dir", "train_split", "eval_split", "shapes",
              "batch_size", "eval_batch_size", "max_instances", "mask_crop_size", "min_sizes",
-             "flip_probability", "worker_count"},
+             "flip_probability", "worker_count", "augmentation", "lsj_size", "lsj_scale_range"},
     "optimizer": {"name", "learning_rate", "reference_batch_size", "momentum", "weight_decay",
                   "b1", "b2", "warmup_steps", "warmup_factor", "milestones", "gamma",
                   "grad_clip_norm"},
     "model": set(TORCHVISION_DEFAULTS) | set(STATIC_DEFAULTS),
 }
 DATA_SETS = ("shapes", "coco_instances")
+AUGMENTATIONS = ("resize", "lsj")
 OPTIMIZERS = ("sgd", "adamw")
 BACKBONE_STAGES = 5  # frozen_backbone_stages: 0 (train all) .. 5 (the whole backbone)
 
@@ -113,6 +114,22 @@ def _check_data(config):
     if (not isinstance(sizes, (tuple, list)) or not sizes
             or any(isinstance(s, bool) or not isinstance(s, Integral) or s < 1 for s in sizes)):
         raise _error("data.min_sizes", sizes, "must be a non-empty tuple of integers >= 1")
+    augmentation = config.data.get("augmentation", "resize")
+    if augmentation not in AUGMENTATIONS:
+        raise _error("data.augmentation", augmentation,
+                     f"must be one of {', '.join(AUGMENTATIONS)}")
+    if augmentation == "lsj":
+        size = _integer(config, "data.lsj_size", 32)
+        divisible = int(config.model.get("size_divisible", 32))
+        if size % divisible:
+            raise _error("data.lsj_size", size, f"must be a multiple of model.size_divisible "
+                                                f"({divisible})")
+        scales = config.data.lsj_scale_range
+        if (not isinstance(scales, (tuple, list)) or len(scales) != 2
+                or not all(isinstance(s, Real) and 0 < s for s in scales)
+                or scales[0] > scales[1]):
+            raise _error("data.lsj_scale_range", scales, "must be (low, high) with 0 < low <= "
+                                                         "high")
 
 
 def _check_optimizer(config, steps: int):

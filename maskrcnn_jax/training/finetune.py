@@ -17,7 +17,9 @@ is not a fine-tuning of these weights.
 
 Which backbone stages train is the training config's `frozen_backbone_stages`
 (`5 - trainable_backbone_layers`: torchvision's default with pretrained weights is
-`trainable_backbone_layers=3`, i.e. 2 here); BatchNorm statistics always stay frozen.
+`trainable_backbone_layers=3`, i.e. 2 here). Batch norms train as the config says
+(`batch_norm`): v2's as torchvision's in train mode by default (batch statistics, running
+statistics updated, also in the frozen stages), or frozen.
 """
 
 import logging
@@ -29,6 +31,7 @@ import numpy as np
 
 from maskrcnn_jax import checkpoints
 from maskrcnn_jax.models.maskrcnn import variable_shapes
+from maskrcnn_jax.models.norm import fit_norm_layout
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +100,8 @@ def adapt_variables(config, pretrained, key, source: str = "pretrained weights"
         class count, naming every such layer and both shapes.
     """
     expected = variable_shapes(config)
-    given = checkpoints.flatten_by_path(pretrained)
+    # Batch norms in the layout this config trains them in (trainable or frozen).
+    given = checkpoints.flatten_by_path(fit_norm_layout(pretrained, expected))
     # Missing or extra layers are named once per layer (all of a layer's leaves go together).
     def order(layer):  # parameters first
         return not layer.startswith("params/"), layer
@@ -124,8 +128,8 @@ def adapt_variables(config, pretrained, key, source: str = "pretrained weights"
                                               if len(problems) > 30 else "")
         raise ValueError(f"{source} do not fit the model to train (only the class-dependent "
                          f"layers {sorted(CLASS_LAYERS)} may differ, by num_classes):\n  {shown}")
-    flat = {p: np.asarray(v, np.float32) if v.dtype != np.float32 else np.asarray(v)
-            for p, v in given.items()}
+    flat = {p: np.asarray(v, np.float32) if np.issubdtype(v.dtype, np.floating) else
+            np.asarray(v) for p, v in given.items()}  # counters stay integers
     for i, (layer, (old, new)) in enumerate(sorted(reinit.items())):
         kind = CLASS_LAYERS[layer][0]
         fresh = _INITIALIZERS[kind](jax.random.fold_in(key, i), expected[f"{layer}/kernel"])

@@ -138,18 +138,19 @@ def maskrcnn_losses(outputs: Dict[str, Any]) -> Tuple[jnp.ndarray, Dict[str, jnp
     return total, losses
 
 
-def compute_losses(model, variables, batch: Dict[str, jnp.ndarray],
-                   key: jax.Array) -> Tuple[jnp.ndarray, Dict[str, jnp.ndarray]]:
-    """Mask R-CNN training losses of a batch (torchvision's training forward), jit/grad-able.
+def compute_losses(model, variables, batch: Dict[str, jnp.ndarray], key: jax.Array
+                   ) -> Tuple[jnp.ndarray, Tuple[Dict[str, jnp.ndarray], Any]]:
+    """Mask R-CNN training losses of a batch (torchvision's training forward), jit/grad-able:
+    `jax.value_and_grad(compute_losses, has_aux=True)` with respect to `variables['params']`.
 
     Args:
       model: a `maskrcnn_jax.models.maskrcnn.MaskRCNN`; its `config` gives the sampling
         settings (`rpn_batch_size_per_image`, `rpn_positive_fraction`, `rpn_fg_iou_thresh`,
         `rpn_bg_iou_thresh`, `box_batch_size_per_image`, `box_positive_fraction`,
         `box_fg_iou_thresh`, `box_bg_iou_thresh`, `bbox_reg_weights`, `mask_size`, the RPN's
-        train top-n) and the mask head's static budget and gt mask format
-        (`MaskRCNN.training_outputs`).
-      variables: `{'params': ..., 'batch_stats': ...}`; differentiate w.r.t. `['params']`.
+        train top-n), the mask head's static budget and gt mask format
+        (`MaskRCNN.training_outputs`) and how batch norms train (`batch_norm`).
+      variables: `{'params': ..., 'batch_stats': ...}`.
       batch: dict with `images (B, H, W, 3)` float32 canvas, `image_sizes`, `padded_sizes`
         `(B, 2)` int32, `boxes (B, G, 4)` float32 xyxy resized pixels, `labels (B, G)` int32
         `1..K-1`, `valid (B, G)` bool, `masks` `(B, G, S, S)` crops on the gt boxes or
@@ -157,10 +158,14 @@ def compute_losses(model, variables, batch: Dict[str, jnp.ndarray],
       key: PRNG key; the only randomness (anchor and RoI sampling).
 
     Returns:
-      (total_loss, {name: loss}) with the five torchvision loss names, float32 scalars;
-      total_loss is their sum.
+      `(total_loss, (losses, batch_stats))`: the five torchvision losses by name (float32
+      scalars) and their sum, and the `'batch_stats'` after the forward pass (batch norms in
+      training update their running statistics, as torchvision's in train mode; others come
+      back unchanged).
     """
     targets = {name: batch[name] for name in ("boxes", "labels", "valid", "masks")}
-    outputs = model.apply(variables, batch["images"], batch["image_sizes"],
-                          batch["padded_sizes"], targets, key, train=True)
-    return maskrcnn_losses(outputs)
+    outputs, updated = model.apply(variables, batch["images"], batch["image_sizes"],
+                                   batch["padded_sizes"], targets, key, train=True,
+                                   mutable=["batch_stats"])
+    total, losses = maskrcnn_losses(outputs)
+    return total, (losses, updated.get("batch_stats", variables.get("batch_stats", {})))

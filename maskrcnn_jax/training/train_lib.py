@@ -26,6 +26,7 @@ from jax.sharding import Mesh
 from maskrcnn_jax import runtime
 from maskrcnn_jax.errors import ConfigError
 from maskrcnn_jax.models.maskrcnn import MaskRCNN
+from maskrcnn_jax.models.norm import fit_norm_layout
 from maskrcnn_jax.training.losses import compute_losses
 
 # The batch fields the losses read; the rest of a pipeline batch (ids, sizes...) stays on host.
@@ -130,9 +131,9 @@ def init_variables(model: MaskRCNN, key: jax.Array):
     initialises every module cheaply (the unused detections are dead code under jit).
 
     On the CPU the program is compiled without backend optimisation: XLA's CPU compiler spends
-    tens of seconds on the threefry sampling of ~100 initialisers (27 s for `configs/tiny.py`,
-    5 s without optimisation) for a program that runs once; the values then differ from an
-    optimised compile's in the last bits (measured <= 2.1e-7 relative), deterministically."""
+    several times longer optimising the threefry sampling of ~100 initialisers than the program
+    runs once; the values then differ from an optimised compile's in the last bits,
+    deterministically."""
     images = jnp.zeros((1, 64, 64, 3), jnp.float32)
     sizes = jnp.full((1, 2), 64, jnp.int32)
 
@@ -162,12 +163,18 @@ def create_train_state(model: MaskRCNN, tx, key: jax.Array, init_backbone=None,
     else:
         variables = flax.core.unfreeze(init_variables(model, init_key))
     if init_backbone is not None:
-        if model.config.get("backbone_norm", "frozen_bn") != "frozen_bn":
-            raise ValueError("init_backbone (torchvision ResNet weights) needs "
-                             "backbone_norm='frozen_bn', got "
-                             f"{model.config.backbone_norm!r}")
+        if model.config.get("backbone_norm", "frozen_bn") == "group_norm":
+            raise ValueError("init_backbone (torchvision ResNet weights) needs a batch-norm "
+                             "backbone (backbone_norm 'frozen_bn' or 'batch_norm'), got "
+                             "'group_norm'")
+        # The ResNet's BatchNorm2d weights in the model's layout (frozen or trainable).
+        expected = ["/".join(str(getattr(k, "key", k)) for k in path)
+                    for path, _ in jax.tree_util.tree_flatten_with_path(variables)[0]]
+        theirs_all = fit_norm_layout(
+            {c: {"backbone": init_backbone.get(c, {})} for c in ("params", "batch_stats")},
+            [p for p in expected if p.split("/")[1] == "backbone"])
         for collection in ("params", "batch_stats"):
-            ours, theirs = variables[collection]["backbone"], init_backbone[collection]
+            ours, theirs = variables[collection]["backbone"], theirs_all[collection]["backbone"]
             if jax.tree.structure(ours) != jax.tree.structure(theirs):
                 raise ValueError(f"init_backbone {collection} do not match the backbone "
                                  f"{model.config.backbone!r}")
@@ -191,7 +198,8 @@ def stop_frozen_gradients(params, labels):
 def train_step(model: MaskRCNN, tx, state: TrainState, batch: Dict[str, jnp.ndarray],
                frozen_labels=None):
     """One optimizer step: (new state, metrics dict of the total `loss`, each loss term and
-    the gradient's global norm), float32 scalars.
+    the gradient's global norm), float32 scalars. Batch norms in training move their running
+    statistics (the state's `batch_stats`) by the global batch's statistics.
 
     `frozen_labels` (`frozen_param_labels` of the params): frozen leaves get no gradient (zero,
     and no backward computed); the gradient norm and its clipping cover the trained leaves only,
@@ -204,13 +212,15 @@ def train_step(model: MaskRCNN, tx, state: TrainState, batch: Dict[str, jnp.ndar
         variables = {"params": params, "batch_stats": state.batch_stats}
         return compute_losses(model, variables, batch, key)
 
-    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, **terms, "grad_norm": optax.tree.norm(grads)}
     if STOP_FIELD in batch:  # any process's stop request, the same on all (an all-reduce)
         metrics[STOP_FIELD] = jnp.any(batch[STOP_FIELD])
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         batch_stats=batch_stats), metrics
 
 
 def make_train_step(model: MaskRCNN, tx, mesh: Mesh, frozen_labels=None):

@@ -7,11 +7,18 @@ import os
 
 import pytest
 
-from tests.cli.conftest import assert_one_line_error, run_tool
+from tests.cli.conftest import REPO, assert_one_line_error, run_tool
 
 CONFIGS = [("coco_r50_fpn_1x", ()), ("shapes", ()), ("tiny", ()), ("tpu_pod", ()),
+           ("coco_r50_fpn_v2_lsj", ()), ("tpu_pod_v2_lsj", ()),
            ("finetune", ()), ("finetune", ("v2",)), ("finetune_shapes", ("pretrain",)),
            ("finetune_shapes", ("finetune",)), ("finetune_shapes", ("scratch",))]
+
+
+def test_the_list_covers_every_config_file():
+    files = {f[:-3] for f in os.listdir(os.path.join(REPO, "configs"))
+             if f.endswith(".py") and f != "__init__.py"}
+    assert files == {name for name, _ in CONFIGS}
 
 
 def _config(name="tiny", *args, **overrides):

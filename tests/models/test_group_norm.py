@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from maskrcnn_jax import models
-from maskrcnn_jax.models.resnet import MaskedGroupNorm
+from maskrcnn_jax.models.norm import MaskedGroupNorm
 
 
 def _torch_group_norm(x_nhwc, groups, scale, bias):
@@ -88,6 +88,6 @@ def test_backbone_features_do_not_depend_on_the_canvas(norm):
 
 
 def test_unknown_norm_is_rejected():
-    net = models.ResNet18(norm="batch_norm")
-    with pytest.raises(ValueError, match="unknown norm 'batch_norm'"):
+    net = models.ResNet18(norm="layer_norm")
+    with pytest.raises(ValueError, match="unknown norm 'layer_norm'"):
         net.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))

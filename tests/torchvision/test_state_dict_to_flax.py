@@ -56,6 +56,18 @@ def shape_tree(tree):
     return jax.tree_util.tree_map(lambda a: (tuple(a.shape), jnp.dtype(a.dtype)), tree)
 
 
+def without_counters(tree):
+    """`tree` without BatchNorm2d's `num_batches_tracked` (FrozenBatchNorm modules have none;
+    the converter keeps them where the state dict has them), after checking each is an int32
+    scalar beside a `running_mean`."""
+    if not hasattr(tree, "items"):
+        return tree
+    if "num_batches_tracked" in tree:
+        counter = tree["num_batches_tracked"]
+        assert counter.shape == () and counter.dtype == np.int32 and "running_mean" in tree
+    return {k: without_counters(v) for k, v in tree.items() if k != "num_batches_tracked"}
+
+
 def init_shapes(module, example):
     return shape_tree(jax.eval_shape(module.init, jax.random.PRNGKey(0), example))
 
@@ -72,16 +84,17 @@ def test_tree_matches_module_init(converted, name):
     expected = init_shapes(module, example)
     got = {"params": converted["params"][name]}
     if name in converted["batch_stats"]:
-        got["batch_stats"] = converted["batch_stats"][name]
+        got["batch_stats"] = without_counters(converted["batch_stats"][name])
     assert shape_tree(got) == expected
 
 
 def test_leaves_are_float32_numpy_and_cover_every_tensor(state_dict, converted):
-    leaves = jax.tree_util.tree_leaves(converted)
+    leaves = jax.tree_util.tree_leaves(without_counters(converted))
     assert all(isinstance(a, np.ndarray) and a.dtype == np.float32 for a in leaves)
-    n_tensors = sum(v.numel() for k, v in state_dict.items()
-                    if not k.endswith("num_batches_tracked"))
-    assert sum(a.size for a in leaves) == n_tensors
+    counters = [k for k in state_dict if k.endswith("num_batches_tracked")]
+    assert len(counters) == len(jax.tree_util.tree_leaves(converted)) - len(leaves) > 0
+    assert sum(a.size for a in leaves) == sum(v.numel() for k, v in state_dict.items()
+                                             if k not in counters)
 
 
 def test_numpy_input_gives_same_result(state_dict, converted):
@@ -172,7 +185,7 @@ def test_resnet_to_flax_structure(arch, module):
     sd = getattr(torchvision.models, arch)(weights=None).state_dict()
     assert "fc.weight" in sd
     variables = resnet_to_flax(sd)
-    assert shape_tree(variables) == init_shapes(module, _nhwc(1, 64, 64, 3))
+    assert shape_tree(without_counters(variables)) == init_shapes(module, _nhwc(1, 64, 64, 3))
 
 
 def test_resnet_to_flax_numerics():
@@ -212,7 +225,7 @@ def state_dict_v2():
 
 def test_v2_is_recognised_and_matches_the_v2_model(state_dict_v2):
     """`from_torchvision` reads v2 from the keys; its tree is exactly `MaskRCNN(v2 config)`'s
-    (paths and shapes: BN buffers of the FPN and heads in 'batch_stats', the 2-conv RPN head and
+    (paths and shapes: BN statistics of the FPN and heads in 'batch_stats', the 2-conv RPN head and
     FastRCNNConvFCHead), every tensor used once, and the inverse gives torchvision's keys back
     bit for bit."""
     from maskrcnn_jax.models.maskrcnn import variable_shapes
@@ -230,11 +243,13 @@ def test_v2_is_recognised_and_matches_the_v2_model(state_dict_v2):
     v1 = config.copy_and_resolve_references()
     v1.architecture = "v1"
     assert got != variable_shapes(v1)
-    tensors = {k: v for k, v in state_dict_v2.items() if not k.endswith("num_batches_tracked")}
-    assert sum(int(np.prod(s)) for s in got.values()) == sum(v.numel() for v in tensors.values())
+    # BatchNorm2d throughout (batch norms trainable, counters kept): every tensor, both ways.
+    assert config.backbone_norm == "batch_norm" and config.batch_norm == "train"
+    assert sum(int(np.prod(s)) for s in got.values()) == sum(
+        v.numel() for v in state_dict_v2.values())
     back = to_torchvision(config, variables)
-    assert sorted(back) == sorted(tensors)
-    for key, value in tensors.items():
+    assert sorted(back) == sorted(state_dict_v2)
+    for key, value in state_dict_v2.items():
         assert torch.equal(back[key], value), key
 
 

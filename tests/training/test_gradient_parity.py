@@ -20,7 +20,7 @@ but the leaves upstream of `layer4_0`'s 3x3 conv (all of layer2 and layer3, laye
 float32, against a typical magnitude of ~300 and a float32 rounding error of ~4e-4 there. That
 single flipped ReLU carries the whole error of the cotangent below it. torchvision's own float32
 gradient is ~1.7e-4 from its float64 one on those leaves. The float32 comparison therefore uses
-`F32_RTOL` (the float64 one the issue's 1e-4). Float32 is compared for v1 only
+`F32_RTOL` (the float64 one 1e-4). Float32 is compared for v1 only
 (`FLOAT32_ARCHITECTURES`): v2's float32 arithmetic is the same convolutions and frozen norms,
 and its float64 comparison is the structural check.
 
@@ -133,7 +133,9 @@ def grads(request):
         b = dict(batch, images=np.asarray(batch["images"], dtype))
 
         def loss(params):
-            return compute_losses(model, {**v, "params": params}, b, jax.random.PRNGKey(0))
+            total, (losses, _) = compute_losses(model, {**v, "params": params}, b,
+                                                jax.random.PRNGKey(0))
+            return total, losses
 
         g, losses = jax.jit(jax.grad(loss, has_aux=True))(v["params"])
         return v["params"], jax.block_until_ready(g), {k: float(x) for k, x in losses.items()}

@@ -69,7 +69,7 @@ def parity():
 
     model = MaskRCNN(frozen({**config.to_dict(), "mask_rois_per_image": MASK_ROIS}))
     loss_fn = jax.jit(lambda v, b, k: compute_losses(model, v, b, k))
-    total, jax_losses = loss_fn(variables, jax_batch, jax.random.PRNGKey(0))
+    total, (jax_losses, _) = loss_fn(variables, jax_batch, jax.random.PRNGKey(0))
     return dict(torch=torch_losses, jax={k: float(v) for k, v in jax_losses.items()},
                 total=float(total), num_positive=num_positive, num_sampled=num_sampled,
                 num_candidates=captured["candidates"])
@@ -118,7 +118,7 @@ def test_batch_wide_mask_budget_matches_torchvision():
             positives = int(outputs["mask_rois"]["valid"].sum())
             assert outputs["mask_logits"].shape[:2] == (1, 2 * MASK_ROIS)
         size = positives if budget == "exact" else positives - 1
-        _, losses = jax.jit(lambda v, b, k, n=size: compute_losses(model(n), v, b, k))(
+        _, (losses, _) = jax.jit(lambda v, b, k, n=size: compute_losses(model(n), v, b, k))(
             setup["variables"], setup["jax_batch"], jax.random.PRNGKey(0))
         results[budget] = float(losses["loss_mask"])
     print(f"positives {positives}; loss_mask torchvision {reference:.7f}, packed exact "
@@ -186,7 +186,8 @@ def tiny():
                  masks=np.asarray(crops))
 
     def loss(params, batch, key):
-        return compute_losses(model, {**variables, "params": params}, batch, key)
+        total, (losses, _) = compute_losses(model, {**variables, "params": params}, batch, key)
+        return total, losses
 
     grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
     return dict(variables=variables, batch=batch, grad_fn=grad_fn)
