@@ -83,7 +83,7 @@ def convert_file(path, out, frozen_bn_eps=STATIC_DEFAULTS["frozen_bn_eps"], comp
       CheckpointError: `path` is not a readable torchvision Mask R-CNN state dict.
     """
     from maskrcnn_jax import checkpoints
-    from maskrcnn_jax.models.maskrcnn import check_variables
+    from maskrcnn_jax.models.variables import check_variables
     from maskrcnn_jax.torchvision.convert import from_torchvision, load_state_dict
 
     checkpoints.check_converted_destination(out, overwrite)  # before the long load

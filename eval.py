@@ -91,7 +91,7 @@ def main(argv=None) -> int:
         from maskrcnn_jax.checkpoints import load_weights
         from maskrcnn_jax.errors import CheckpointError
         from maskrcnn_jax.inference.evaluation import evaluate
-        from maskrcnn_jax.models.maskrcnn import check_variables
+        from maskrcnn_jax.models.variables import check_variables
 
         config, variables, train_config = load_weights(checkpoint)
         try:

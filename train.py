@@ -30,7 +30,7 @@ from maskrcnn_jax.config import model_config
 from maskrcnn_jax.data import builders, lsj, pipeline, samplers
 from maskrcnn_jax.errors import ConfigError, UsageError
 from maskrcnn_jax.models.maskrcnn import MaskRCNN, frozen
-from maskrcnn_jax.training import config_checks, train_lib
+from maskrcnn_jax.training import checkpointing, config_checks, train_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/shapes.py", "Training configuration file.")
@@ -116,7 +116,7 @@ def discard_diverged(manager, step: int) -> str:
     """After a non-finite loss at `step`: the state it was computed from (`step - 1`) does not
     train on, so its checkpoint, if one was saved, is deleted. Returns what is left."""
     if step - 1 in manager.all_steps():
-        checkpoints.delete_step(manager, step - 1)
+        checkpointing.delete_step(manager, step - 1)
         log.warning("deleted checkpoint step %d: its next step's loss is not finite", step - 1)
     manager.wait_until_finished()
     latest = manager.latest_step()
@@ -211,7 +211,7 @@ def train_and_evaluate(config, workdir: str, step_hook=None) -> dict:
 
         initial = _load_start("init_from", finetune.load_pretrained, config.init_from,
                               model_cfg, jax.random.fold_in(key, 1))
-    manager = checkpoints.checkpoint_manager(workdir, config.keep_checkpoints)
+    manager = checkpointing.checkpoint_manager(workdir, config.keep_checkpoints)
     try:
         if manager.latest_step() is None:
             state = runtime.replicate(
@@ -220,7 +220,7 @@ def train_and_evaluate(config, workdir: str, step_hook=None) -> dict:
             state = jax.eval_shape(lambda: train_lib.create_train_state(model, tx, key))
             state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(
                 s.shape, s.dtype, sharding=runtime.replicated(mesh)), state)
-        restored = checkpoints.restore_train_state(manager, state, config.model.to_dict())
+        restored = checkpointing.restore_train_state(manager, state, config.model.to_dict())
         start_record = 0
         if restored is not None:
             state, data_state, _ = restored
@@ -235,7 +235,7 @@ def train_and_evaluate(config, workdir: str, step_hook=None) -> dict:
 
         def save(at_step):
             consumed = start_record + (at_step - start_step) * global_batch
-            checkpoints.save_train_state(manager, at_step, state, samplers.position_state(consumed),
+            checkpointing.save_train_state(manager, at_step, state, samplers.position_state(consumed),
                                          config)
 
         window, window_start, window_steps = {}, time.time(), 0

@@ -126,7 +126,7 @@ class ProgramCache:
         os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the new one
 
     def variable_shapes(self, config) -> dict:
-        from maskrcnn_jax.models.maskrcnn import variable_shapes
+        from maskrcnn_jax.models.variables import variable_shapes
 
         path = self._path("shapes", config.to_dict())
         try:

@@ -25,7 +25,8 @@ import numpy as np
 from maskrcnn_jax import runtime
 from maskrcnn_jax.inference.export import ProgramCache
 from maskrcnn_jax.inference.runner import compiled_detector, detect_in_batches
-from maskrcnn_jax.models.maskrcnn import MaskRCNN, check_variables, frozen
+from maskrcnn_jax.models.maskrcnn import MaskRCNN, frozen
+from maskrcnn_jax.models.variables import check_variables
 
 
 class Predictor:

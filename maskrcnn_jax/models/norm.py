@@ -180,7 +180,7 @@ def fit_norm_layout(variables, expected_paths) -> dict:
     Args:
       variables: `{'params': ..., 'batch_stats': ...}` nested dicts (e.g. converted weights).
       expected_paths: the model's variable paths, `'params/backbone/bn1/weight'` etc.
-        (`models.maskrcnn.variable_shapes`).
+        (`models.variables.variable_shapes`).
     """
     expected = set(expected_paths)
     params = _copy_tree(variables.get("params", {}))

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from maskrcnn_jax.models.norm import valid_at
 from maskrcnn_jax.models.norm import normalize as _normalize
+from maskrcnn_jax.models.norm import valid_at
 from maskrcnn_jax.ops.conv import conv_nhwc
 
 # torchvision's ResNet initialises convs with kaiming_normal_(mode="fan_out", relu).

@@ -13,10 +13,14 @@ import re
 
 from maskrcnn_jax.config import STATIC_DEFAULTS, model_config
 from maskrcnn_jax.errors import CheckpointError
-from maskrcnn_jax.models.maskrcnn import variable_shapes
 from maskrcnn_jax.models.norm import fit_norm_layout
+from maskrcnn_jax.models.variables import variable_shapes
 from maskrcnn_jax.torchvision.flax_to_state_dict import flax_to_torchvision
-from maskrcnn_jax.torchvision.state_dict_to_flax import is_v2, resnet_to_flax, torchvision_to_flax
+from maskrcnn_jax.torchvision.state_dict_to_flax import (
+    is_v2,
+    resnet_to_flax,
+    torchvision_to_flax,
+)
 
 _RESNET_DEPTHS = {(2, 2, 2, 2): "resnet18", (3, 4, 6, 3): "resnet50", (3, 4, 23, 3): "resnet101"}
 

@@ -30,8 +30,8 @@ import jax
 import numpy as np
 
 from maskrcnn_jax import checkpoints
-from maskrcnn_jax.models.maskrcnn import variable_shapes
 from maskrcnn_jax.models.norm import fit_norm_layout
+from maskrcnn_jax.models.variables import variable_shapes
 
 log = logging.getLogger(__name__)
 

@@ -104,10 +104,10 @@ def saved_run(tmp_path_factory):
     import jax
 
     import train
-    from maskrcnn_jax import checkpoints, runtime
+    from maskrcnn_jax import runtime
     from maskrcnn_jax.data import samplers
     from maskrcnn_jax.models.maskrcnn import MaskRCNN, frozen
-    from maskrcnn_jax.training import train_lib
+    from maskrcnn_jax.training import checkpointing, train_lib
 
     config = _config()
     workdir = str(tmp_path_factory.mktemp("run"))
@@ -117,8 +117,8 @@ def saved_run(tmp_path_factory):
     tx, _ = train_lib.create_optimizer(config.optimizer, shapes, config.data.batch_size,
                                        config.frozen_backbone_stages)
     state = runtime.replicate(train_lib.create_train_state(model, tx, key), runtime.data_mesh())
-    manager = checkpoints.checkpoint_manager(workdir, 3)
-    checkpoints.save_train_state(manager, 1, state, samplers.position_state(8), config)
+    manager = checkpointing.checkpoint_manager(workdir, 3)
+    checkpointing.save_train_state(manager, 1, state, samplers.position_state(8), config)
     manager.wait_until_finished()
     manager.close()
     return workdir

@@ -67,7 +67,8 @@ def test_variable_shapes_are_those_of_the_full_init(tiny, overrides):
     import jax
     import jax.numpy as jnp
 
-    from maskrcnn_jax.models.maskrcnn import MaskRCNN, frozen, variable_shapes
+    from maskrcnn_jax.models.maskrcnn import MaskRCNN, frozen
+    from maskrcnn_jax.models.variables import variable_shapes
 
     config = tiny[0].copy_and_resolve_references()
     config.update(overrides)

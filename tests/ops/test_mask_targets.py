@@ -15,7 +15,10 @@ import torch
 from torchvision.models.detection.roi_heads import project_masks_on_boxes as tv_project
 
 from maskrcnn_jax.data.mask_crops import crop_resized_masks
-from maskrcnn_jax.ops.mask_targets import project_cropped_masks_on_boxes, project_masks_on_boxes
+from maskrcnn_jax.ops.mask_targets import (
+    project_cropped_masks_on_boxes,
+    project_masks_on_boxes,
+)
 
 ATOL = 1e-5
 project_jit = jax.jit(project_masks_on_boxes, static_argnames=("mask_size", "max_sampling_grid"))

@@ -13,7 +13,10 @@ import torch
 import torchvision
 
 from maskrcnn_jax import models
-from maskrcnn_jax.torchvision.state_dict_to_flax import resnet_to_flax, torchvision_to_flax
+from maskrcnn_jax.torchvision.state_dict_to_flax import (
+    resnet_to_flax,
+    torchvision_to_flax,
+)
 
 NUM_CLASSES = 91
 TOP_LEVEL = ["backbone", "box_head", "box_predictor", "fpn", "mask_head", "mask_predictor",
@@ -228,8 +231,12 @@ def test_v2_is_recognised_and_matches_the_v2_model(state_dict_v2):
     (paths and shapes: BN statistics of the FPN and heads in 'batch_stats', the 2-conv RPN head and
     FastRCNNConvFCHead), every tensor used once, and the inverse gives torchvision's keys back
     bit for bit."""
-    from maskrcnn_jax.models.maskrcnn import variable_shapes
-    from maskrcnn_jax.torchvision.convert import architecture_of, from_torchvision, to_torchvision
+    from maskrcnn_jax.models.variables import variable_shapes
+    from maskrcnn_jax.torchvision.convert import (
+        architecture_of,
+        from_torchvision,
+        to_torchvision,
+    )
 
     assert architecture_of(state_dict_v2)["architecture"] == "v2"
     config, variables = from_torchvision(state_dict_v2)

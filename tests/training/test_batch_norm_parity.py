@@ -30,8 +30,9 @@ from torchvision.models.detection.image_list import ImageList
 
 from maskrcnn_jax.config import model_config
 from maskrcnn_jax.data.transform import preprocess
-from maskrcnn_jax.models.maskrcnn import MaskRCNN, frozen, variable_shapes
+from maskrcnn_jax.models.maskrcnn import MaskRCNN, frozen
 from maskrcnn_jax.models.norm import fit_norm_layout
+from maskrcnn_jax.models.variables import variable_shapes
 from maskrcnn_jax.testing import loss_parity
 from maskrcnn_jax.testing.torch_models import randomize_batch_norm, torchvision_maskrcnn
 from maskrcnn_jax.torchvision.convert import from_torchvision

@@ -27,7 +27,7 @@ from maskrcnn_jax import checkpoints
 from maskrcnn_jax.config import model_config
 from maskrcnn_jax.models.maskrcnn import MaskRCNN, frozen
 from maskrcnn_jax.testing.tiny import tiny_model
-from maskrcnn_jax.training import finetune, train_lib
+from maskrcnn_jax.training import checkpointing, finetune, train_lib
 
 CLASS_LAYERS = sorted(finetune.CLASS_LAYERS)
 # configs/tiny.py's model (64x64 canvas), whatever its class count.
@@ -159,5 +159,5 @@ def test_train_py_starts_from_init_from(pretrained, tmp_path):
     config.init_from = str(tmp_path / "gone")
     config.num_train_steps = 3
     train.train_and_evaluate(config, workdir)
-    assert checkpoints.checkpoint_manager(workdir, 3).latest_step() == 3
+    assert checkpointing.checkpoint_manager(workdir, 3).latest_step() == 3
     assert not os.path.exists(tmp_path / "gone")
