@@ -257,14 +257,16 @@ def train_and_evaluate(config, workdir: str, step_hook=None) -> dict:
                     raise FloatingPointError(f"{e}; {discard_diverged(manager, step)}") from None
                 if step_hook is not None:
                     step_hook(step, metrics)
-                for k, v in metrics.items():
-                    window[k] = window.get(k, 0.0) + float(v)
+                for k, v in metrics.items():  # summed over the window (maxima: the max)
+                    window[k] = (max(window.get(k, 0.0), float(v)) if k.endswith("_max")
+                                 else window.get(k, 0.0) + float(v))
                 window_steps += 1
                 images_per_s = window_steps * global_batch / max(time.time() - window_start, 1e-9)
                 bar.set_postfix(loss=f"{float(metrics['loss']):.3f}", img_s=f"{images_per_s:.1f}")
                 bar.update(1)
                 if step % config.log_every_steps == 0 or step == num_steps:
-                    last_logged = {k: v / window_steps for k, v in window.items()}
+                    last_logged = {k: v if k.endswith("_max") else v / window_steps
+                                   for k, v in window.items()}
                     last_logged.update(lr=float(schedule(step - 1)), images_per_s=images_per_s)
                     writer.write(step, last_logged)
                     window, window_start, window_steps = {}, time.time(), 0

@@ -8,14 +8,15 @@ import sys
 from maskrcnn_jax.testing.multiprocess import REPO
 
 _IMPORT_ALL = """
-import importlib, pkgutil, sys
+import importlib, os, pkgutil, sys
 sys.path.insert(0, {repo!r})
 import maskrcnn_jax
 from jax._src import xla_bridge
 
 names = [m.name for m in pkgutil.walk_packages(maskrcnn_jax.__path__, "maskrcnn_jax.")]
-names += ["train", "eval", "predict", "convert"] + ["configs." + c for c in (
-    "coco_r50_fpn_1x", "shapes", "tiny", "tpu_pod", "finetune", "finetune_shapes")]
+names += ["train", "eval", "predict", "convert"] + sorted(
+    "configs." + f[:-3] for f in os.listdir(os.path.join({repo!r}, "configs"))
+    if f.endswith(".py") and f != "__init__.py")
 for name in names:
     importlib.import_module(name)
     assert not xla_bridge.backends_are_initialized(), "importing " + name + " started a backend"

@@ -267,7 +267,9 @@ class MaskRCNN(nn.Module):
           `proposal_valid (B, P)`, `class_logits (B, S, K)`, `box_regression (B, S, 4K)` of
           the sampled RoIs, `roi_targets` (`targets.roi_targets` stacked), `mask_rois`
           (`targets.positive_rois` stacked: boxes, labels, matched_idxs, valid `(B, D)`),
-          `mask_logits (B, D, M, M, K)` and `mask_targets (B, D, M, M)` float32.
+          `mask_logits (B, D, M, M, K)` and `mask_targets (B, D, M, M)` float32,
+          `mask_positives (B,)` int32 (each image's sampled positives, all of which torchvision
+          gives its mask head) and `mask_rois_kept` () int32 (those the budget kept).
         """
         cfg = self.config
         if targets is None or key is None:
@@ -333,6 +335,10 @@ class MaskRCNN(nn.Module):
             "class_logits": class_logits, "box_regression": box_regression,
             "roi_targets": roi_tg,
             "mask_rois": rois, "mask_logits": mask_logits, "mask_targets": mask_targets,
+            # Every sampled positive (torchvision's mask-head RoIs) per image, and how many of
+            # the batch's the mask-head budget kept.
+            "mask_positives": jnp.sum(roi_tg["positive"], axis=-1).astype(jnp.int32),
+            "mask_rois_kept": jnp.sum(rois["valid"]).astype(jnp.int32),
         }
 
 

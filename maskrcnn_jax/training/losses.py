@@ -158,14 +158,27 @@ def compute_losses(model, variables, batch: Dict[str, jnp.ndarray], key: jax.Arr
       key: PRNG key; the only randomness (anchor and RoI sampling).
 
     Returns:
-      `(total_loss, (losses, batch_stats))`: the five torchvision losses by name (float32
-      scalars) and their sum, and the `'batch_stats'` after the forward pass (batch norms in
-      training update their running statistics, as torchvision's in train mode; others come
-      back unchanged).
+      `(total_loss, (terms, batch_stats))`: the sum of the five torchvision losses; `terms`, the
+      five losses by name (`LOSS_NAMES`) and the mask budget's counts (`mask_budget_metrics`),
+      float32 scalars; the `'batch_stats'` after the forward pass (batch norms in training
+      update their running statistics, as torchvision's in train mode; others come back
+      unchanged).
     """
     targets = {name: batch[name] for name in ("boxes", "labels", "valid", "masks")}
     outputs, updated = model.apply(variables, batch["images"], batch["image_sizes"],
                                    batch["padded_sizes"], targets, key, train=True,
                                    mutable=["batch_stats"])
     total, losses = maskrcnn_losses(outputs)
-    return total, (losses, updated.get("batch_stats", variables.get("batch_stats", {})))
+    terms = {**losses, **mask_budget_metrics(outputs)}
+    return total, (terms, updated.get("batch_stats", variables.get("batch_stats", {})))
+
+
+def mask_budget_metrics(outputs: Dict[str, Any]) -> Dict[str, jnp.ndarray]:
+    """How the mask head's static budget met the batch's positives (training outputs):
+    `mask_positives` the mean sampled positives per image, `mask_positives_max` the most in one
+    image, `mask_positives_dropped` those of the batch beyond the budget (no mask loss), float32
+    scalars. Positives dropped mean the budget binds: torchvision would have used them all."""
+    positives = outputs["mask_positives"].astype(jnp.float32)
+    return {"mask_positives": jnp.mean(positives), "mask_positives_max": jnp.max(positives),
+            "mask_positives_dropped": jnp.sum(positives)
+            - outputs["mask_rois_kept"].astype(jnp.float32)}

@@ -10,7 +10,7 @@ import pytest
 from tests.cli.conftest import REPO, assert_one_line_error, run_tool
 
 CONFIGS = [("coco_r50_fpn_1x", ()), ("shapes", ()), ("tiny", ()), ("tpu_pod", ()),
-           ("coco_r50_fpn_v2_lsj", ()), ("tpu_pod_v2_lsj", ()),
+           ("coco_r50_fpn_v2_lsj", ()), ("tpu_pod_v2_lsj", ()), ("shapes_bn_lsj", ()),
            ("finetune", ()), ("finetune", ("v2",)), ("finetune_shapes", ("pretrain",)),
            ("finetune_shapes", ("finetune",)), ("finetune_shapes", ("scratch",))]
 

@@ -88,6 +88,7 @@ def test_program_cache_reuses_the_exported_network(tiny, tmp_path, monkeypatch):
     import glob
 
     from maskrcnn_jax.models import maskrcnn
+    from maskrcnn_jax.models import variables as model_variables
 
     config, variables = tiny
     rng = np.random.default_rng(0)
@@ -103,7 +104,8 @@ def test_program_cache_reuses_the_exported_network(tiny, tmp_path, monkeypatch):
     original = maskrcnn.MaskRCNN.__call__
     monkeypatch.setattr(maskrcnn.MaskRCNN, "__call__",
                         lambda self, *a, **k: traced.append(1) or original(self, *a, **k))
-    monkeypatch.setattr(maskrcnn, "variable_shapes", lambda c: pytest.fail("shapes traced"))
+    monkeypatch.setattr(model_variables, "variable_shapes",
+                        lambda c: pytest.fail("shapes traced"))
     second = Predictor(config, variables, program_cache_dir=str(tmp_path))(images)
     assert not traced  # the model was neither traced for the network nor for the shapes
     for a, b, c in zip(expected, first, second):

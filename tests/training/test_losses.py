@@ -190,7 +190,7 @@ def tiny():
         return total, losses
 
     grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
-    return dict(variables=variables, batch=batch, grad_fn=grad_fn)
+    return dict(model=model, variables=variables, batch=batch, grad_fn=grad_fn)
 
 
 def _check_finite(losses, grads):
@@ -230,6 +230,26 @@ def test_gradients_finite_mixed_batch(tiny):
     (other, _), _ = tiny["grad_fn"](params, batch, jax.random.PRNGKey(3))
     assert float(again) == float(total)
     assert float(other) != float(total)  # 64 of ~6000 anchors / ~100 RoIs: the key matters
+
+
+def test_mask_budget_metrics_count_the_dropped_positives(tiny):
+    """`mask_positives` / `_max` / `_dropped` (logged by train.py): the sampled positives per
+    image and those beyond the `mask_rois_per_image` slots (TINY_MASK_ROIS = 2 here), checked
+    against the RoI targets' own positives."""
+    from maskrcnn_jax.training.losses import mask_budget_metrics
+
+    model, variables, batch = tiny["model"], tiny["variables"], tiny["batch"]
+    outputs, _ = jax.jit(lambda v, b, k: model.apply(
+        v, b["images"], b["image_sizes"], b["padded_sizes"],
+        {n: b[n] for n in ("boxes", "labels", "valid", "masks")}, k, train=True,
+        mutable=["batch_stats"]))(variables, batch, jax.random.PRNGKey(1))
+    positives = np.asarray(outputs["roi_targets"]["positive"]).sum(axis=1)
+    assert positives.max() > TINY_MASK_ROIS  # the budget binds: something to count
+    metrics = {k: float(v) for k, v in mask_budget_metrics(outputs).items()}
+    assert metrics["mask_positives"] == positives.mean()
+    assert metrics["mask_positives_max"] == positives.max()
+    assert metrics["mask_positives_dropped"] == (positives - np.minimum(positives,
+                                                                         TINY_MASK_ROIS)).sum()
 
 
 @pytest.mark.slow
