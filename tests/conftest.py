@@ -48,13 +48,17 @@ def models_v2():
 # by their measured times), they start at once and the many short files fill in around them.
 LONGEST_FILES = (
     "tests/training/test_train.py",
-    "tests/training/test_gradient_parity.py",
     "tests/distributed/test_multiprocess.py",
+    "tests/training/test_recipes.py",
     "tests/training/test_losses.py",
+    "tests/training/test_gradient_parity.py",
     "tests/torchvision/test_cli.py",
     "tests/training/test_finetune.py",
     "tests/models/test_maskrcnn_parity.py",
+    "tests/training/test_batch_norm_parity.py",
     "tests/distributed/test_sharded_inference.py",
+    "tests/inference/test_evaluation.py",
+    "tests/cli/test_eval_bad_input.py",
     "tests/inference/test_predict.py",
 )
 

@@ -25,10 +25,6 @@ PARITY_KWARGS = dict(
     rpn_batch_size_per_image=20000, rpn_positive_fraction=1.0,
     box_batch_size_per_image=1024, box_positive_fraction=1.0,
 )
-# v2: fewer proposals. Its box head runs four 3x3 convs on every sampled RoI (1000 + G per image
-# here, all sampled), which at 1000 made its gradient comparison several times v1's; 256 still
-# covers every positive and far more negatives than G.
-V2_KWARGS = dict(rpn_post_nms_top_n_train=256)
 # Larger than the images' padded size (224, 288): anchors and features beyond it are invalid.
 PARITY_CANVAS = (256, 320)
 # Original sizes resizing to (200, 260) and (200, 263): both pad to (224, 288) as torchvision
@@ -62,28 +58,14 @@ def ellipse_objects(canvas, image_size, ellipses, num_slots):
     return masks, boxes, valid
 
 
-def randomize(model, seed, architecture="v1"):
-    """FrozenBN buffers to a non-identity affine map, non-zero biases, sharpened logits (v2: its
-    many norms to a mild random map near the identity, and the predictors scaled to its ~100x
-    larger box-head features)."""
+def randomize(model, seed):
+    """FrozenBN buffers to a non-identity affine map, non-zero biases, sharpened logits."""
     import torch
 
-    from maskrcnn_jax.testing.torch_models import (
-        randomize_batch_norm,
-        randomize_frozen_bn_and_biases,
-    )
+    from maskrcnn_jax.testing.torch_models import randomize_frozen_bn_and_biases
 
     with torch.no_grad():
-        if architecture == "v2":
-            randomize_frozen_bn_and_biases(model, seed)
-            randomize_batch_norm(model, seed)
-            model.rpn.head.cls_logits.weight.mul_(0.3)
-            model.rpn.head.bbox_pred.weight.mul_(0.01)
-            model.rpn.head.bbox_pred.bias.mul_(0.01)
-            model.roi_heads.box_predictor.cls_score.weight.mul_(0.01)
-            model.roi_heads.box_predictor.bbox_pred.weight.mul_(0.01)
-            model.roi_heads.mask_predictor.mask_fcn_logits.weight.mul_(0.003)
-            return
+        randomize_frozen_bn_and_biases(model, seed)
         # Randomised BN makes the features large: scale the predictors to O(1) logits, where
         # every loss depends on its targets, and RPN deltas small so that proposals stay near
         # the anchors (some overlap the gt at IoU >= 0.5 and become positive RoIs besides the
@@ -95,29 +77,11 @@ def randomize(model, seed, architecture="v1"):
         model.roi_heads.mask_predictor.mask_fcn_logits.weight.mul_(0.003)
 
 
-def torch_v2_model(body, num_classes=None, **kwargs):
-    """torchvision's `maskrcnn_resnet50_fpn_v2` architecture around `body` (a ResNet-50), with
-    FrozenBatchNorm2d in the FPN and heads: its BatchNorm2d layers as in eval mode, the frozen
-    norms maskrcnn_jax trains with."""
-    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
-    from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
-    from torchvision.models.detection.mask_rcnn import MaskRCNN, MaskRCNNHeads
-    from torchvision.models.detection.rpn import RPNHead
-    from torchvision.ops.misc import FrozenBatchNorm2d
-
-    backbone = _resnet_fpn_extractor(body, TRAINABLE_LAYERS, norm_layer=FrozenBatchNorm2d)
-    return MaskRCNN(
-        backbone, num_classes=num_classes,
-        rpn_head=RPNHead(256, 3, conv_depth=2),
-        box_head=FastRCNNConvFCHead((256, 7, 7), [256] * 4, [1024], norm_layer=FrozenBatchNorm2d),
-        mask_head=MaskRCNNHeads(256, [256] * 4, 1, norm_layer=FrozenBatchNorm2d), **kwargs)
-
-
-@functools.lru_cache(maxsize=2)
-def build(architecture="v1"):
+@functools.lru_cache(maxsize=1)
+def build():
     """The models and inputs of both sides, built once per process (shared by the test modules:
-    callers must not modify them; `.grad` of the torch parameters excepted). `architecture`:
-    torchvision's v1 `maskrcnn_resnet50_fpn` or v2 `maskrcnn_resnet50_fpn_v2` (`torch_v2_model`).
+    callers must not modify them; `.grad` of the torch parameters excepted): torchvision's
+    `maskrcnn_resnet50_fpn` with FrozenBatchNorm2d and its conversion.
 
     Returns a dict:
       torch_model: the torchvision MaskRCNN in train mode;
@@ -134,15 +98,12 @@ def build(architecture="v1"):
     from maskrcnn_jax.data.transform import preprocess
     from maskrcnn_jax.torchvision.convert import from_torchvision
 
-    kwargs = dict(PARITY_KWARGS, **(V2_KWARGS if architecture == "v2" else {}))
+    kwargs = dict(PARITY_KWARGS)
     torch.manual_seed(0)
     body = torchvision.models.resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
-    if architecture == "v2":
-        torch_model = torch_v2_model(body, **kwargs)
-    else:
-        torch_model = torchvision.models.detection.MaskRCNN(
-            _resnet_fpn_extractor(body, TRAINABLE_LAYERS), **kwargs)
-    randomize(torch_model, seed=1, architecture=architecture)
+    torch_model = torchvision.models.detection.MaskRCNN(
+        _resnet_fpn_extractor(body, TRAINABLE_LAYERS), **kwargs)
+    randomize(torch_model, seed=1)
     # The torch model's norms are FrozenBatchNorm2d: ours frozen too (`batch_norm='frozen'`).
     config, variables = from_torchvision(
         torch_model.state_dict(), canvas_size=PARITY_CANVAS, batch_norm="frozen", **kwargs)

@@ -11,7 +11,8 @@ fails the test with every log tail). Runs:
   A: train.py, 2 processes x 2 devices, SIGTERM sent to process 1 only after step 2 has been
      logged, then rerun to step 6 and its final evaluation;
   D: B's step-4 checkpoint resumed in 2 processes; C: A's step-4 checkpoint resumed in 1;
-  eval.py and predict.py on A's checkpoint, in 2 processes and in 1.
+  eval.py and predict.py on A's checkpoint in 2 processes, and the same command lines run by
+  the tools' `main` in this (one) process.
 
 Same global batch on the same 4 devices (the input pipeline's global sequence does not depend on
 the process count), so each device computes the same forward and backward in both topologies;
@@ -35,6 +36,8 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
+import eval as eval_cli
+import predict as predict_cli
 import train
 from configs import tiny
 from maskrcnn_jax.checkpoints import local_restore_target
@@ -154,15 +157,19 @@ def runs(tmp_path_factory):
         return [*readme_command("eval.py", replace={"/tmp/two_eval": out, "/tmp/two": w["A"]}),
                 "--progress=false", "--batch_size=1", cache]
 
+    def in_this_process(argv):  # the same command line, run by the tool's main() here
+        return [*(a for a in _one_process(argv)[2:] if a != cache),
+                "--compilation_cache_dir=none"]  # keep this process's cache settings
+
     logs["evalA2"] = launch("evalA2", eval_argv(w["evalA2"]), 2, 2)
-    logs["evalA1"] = launch("evalA1", _one_process(eval_argv(w["evalA1"])), 1, 4)
+    assert eval_cli.main(in_this_process(eval_argv(w["evalA1"]))) == 0
 
     def predict_argv(out):
         return [*readme_command("predict.py", replace={
             "/tmp/two_predictions": out, "/tmp/two": w["A"], "/tmp/images": images}), cache]
 
     logs["pred2"] = launch("pred2", predict_argv(w["pred2"]), 2, 2)
-    logs["pred1"] = launch("pred1", _one_process(predict_argv(w["pred1"])), 1, 4)
+    assert predict_cli.main(in_this_process(predict_argv(w["pred1"]))) == 0
     return {"workdirs": w, "logs": logs, "images": images}
 
 

@@ -1,4 +1,6 @@
-"""Trainable batch norm against torchvision in train mode (`model.train()`, nn.BatchNorm2d).
+"""torchvision's v2 architecture trained against torchvision (`model.train()`): its batch norms
+trainable (nn.BatchNorm2d in train mode, `batch_norm='train'`) or frozen (FrozenBatchNorm2d,
+`batch_norm='frozen'`).
 
 torchvision's v2 architecture (BatchNorm2d in the backbone, FPN, box head and mask head) around a
 ResNet-18 with narrow heads (`testing.torch_models.torchvision_maskrcnn` of the config below: the
@@ -27,6 +29,7 @@ import numpy as np
 import pytest
 import torch
 from torchvision.models.detection.image_list import ImageList
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from maskrcnn_jax.config import model_config
 from maskrcnn_jax.data.transform import preprocess
@@ -58,13 +61,15 @@ def _flat(tree):
             for path, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-@pytest.fixture(scope="module")
-def runs():
+@pytest.fixture(scope="module", params=["train", "frozen"])
+def runs(request):
+    mode = request.param
     torch.manual_seed(0)
     config = model_config(canvas_size=CANVAS, mask_rois_per_image=loss_parity.MASK_ROIS,
-                          **ARCHITECTURE, **KWARGS)
+                          batch_norm=mode, **ARCHITECTURE, **KWARGS)
     model = torchvision_maskrcnn(config)
-    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) > 20
+    norm_type = torch.nn.BatchNorm2d if mode == "train" else FrozenBatchNorm2d
+    assert sum(isinstance(m, norm_type) for m in model.modules()) > 20
     randomize_batch_norm(model, seed=1)
     with torch.no_grad():  # O(1) logits, as loss_parity.randomize does for v2
         model.rpn.head.cls_logits.weight.mul_(0.3)
@@ -77,9 +82,8 @@ def runs():
             p.requires_grad_(False)
     converted_config, variables = from_torchvision(model.state_dict(), canvas_size=CANVAS,
                                                    mask_rois_per_image=loss_parity.MASK_ROIS,
-                                                   **KWARGS)
-    assert converted_config.batch_norm == "train" and converted_config.backbone_norm == \
-        "batch_norm"
+                                                   batch_norm=mode, **KWARGS)
+    assert converted_config.batch_norm == mode
 
     rng = np.random.default_rng(0)
     batch = preprocess([loss_parity.image(rng, h, w) for h, w in loss_parity.ORIGINAL_SHAPES],
@@ -131,7 +135,7 @@ def runs():
         jax_grads, jax_stats = _flat(jax.device_get(g)), _flat(jax.device_get(stats))
     frozen_leaves = {k for k in torch_grads if k.startswith(("backbone/conv1", "backbone/bn1",
                                                              "backbone/layer1_"))}
-    return dict(torch_losses={k: float(v.detach()) for k, v in losses.items()},
+    return dict(mode=mode, torch_losses={k: float(v.detach()) for k, v in losses.items()},
                 jax_losses={k: float(v) for k, v in jax_losses.items()},
                 torch_grads=torch_grads, jax_grads=jax_grads, torch_stats=torch_after,
                 jax_stats=jax_stats, before=_flat(variables["batch_stats"]),
@@ -148,7 +152,8 @@ def test_gradients_match_torchvision_train_mode(runs):
     """Every trainable leaf, batch norms' weight and bias included (gradients through the batch
     statistics, as torch's autograd)."""
     leaves = sorted(k for k in runs["torch_grads"] if k not in runs["frozen"])
-    assert any(k.endswith("bn1/weight") for k in leaves) and len(leaves) > 80
+    assert any(k.endswith("bn1/weight") for k in leaves) == (runs["mode"] == "train")
+    assert len(leaves) > 40
     worst = []
     for k in leaves:
         ref = runs["torch_grads"][k].astype(np.float64)
@@ -165,6 +170,12 @@ def test_running_statistics_match_torchvision(runs):
     stages' too: torch updates them in train mode), and `num_batches_tracked` is 1."""
     stats = [k for k in runs["torch_stats"] if k.endswith(("running_mean", "running_var"))]
     assert len(stats) > 40 and any(k.startswith("mask_head/") for k in stats)
+    if runs["mode"] == "frozen":  # FrozenBatchNorm2d: nothing moves on either side
+        for k in stats:
+            np.testing.assert_array_equal(runs["jax_stats"][k], runs["before"][k])
+            np.testing.assert_array_equal(runs["torch_stats"][k], runs["before"][k])
+        assert not any(k.endswith("num_batches_tracked") for k in runs["jax_stats"])
+        return
     assert any(k.startswith("backbone/layer1_") for k in stats)
     for k in stats:
         ours, theirs = runs["jax_stats"][k], runs["torch_stats"][k]
@@ -182,6 +193,8 @@ def test_biased_variance_update_would_fail(runs):
     """The running variance's unbiased correction n / (n - 1) is visible at this tolerance
     where n is small: in layer4 (stride 32: n = 2 images x 7 x 9 = 126), a biased update (a
     plausible mistake) would fail the test above."""
+    if runs["mode"] == "frozen":
+        pytest.skip("frozen batch norms keep their statistics")
     n = 2 * 7 * 9
     checked = 0
     for k in runs["torch_stats"]:

@@ -1,4 +1,5 @@
-"""Gradient parity with torchvision autograd (R50-FPN, v1 and v2), beyond equal losses.
+"""Gradient parity with torchvision autograd (R50-FPN, v1), beyond equal losses. (v2, its batch
+norms trained or frozen: tests/training/test_batch_norm_parity.py.)
 
 Equal losses do not prove equal gradients: a missing or extra stop-gradient, a detached target or
 a different normalisation order can keep every loss value and change the update. With the
@@ -20,9 +21,7 @@ but the leaves upstream of `layer4_0`'s 3x3 conv (all of layer2 and layer3, laye
 float32, against a typical magnitude of ~300 and a float32 rounding error of ~4e-4 there. That
 single flipped ReLU carries the whole error of the cotangent below it. torchvision's own float32
 gradient is ~1.7e-4 from its float64 one on those leaves. The float32 comparison therefore uses
-`F32_RTOL` (the float64 one 1e-4). Float32 is compared for v1 only
-(`FLOAT32_ARCHITECTURES`): v2's float32 arithmetic is the same convolutions and frozen norms,
-and its float64 comparison is the structural check.
+`F32_RTOL` (the float64 one 1e-4).
 
 Frozen layers (`trainable_backbone_layers=3`: the stem and layer1): torchvision gives them no
 gradient (`requires_grad=False`); in maskrcnn_jax `jax.grad` differentiates them too and the
@@ -113,20 +112,13 @@ def _torch_float64(setup):
                 rpn_backbone={k: g.numpy() for k, g in zip(backbone, rpn)})
 
 
-# float32 is compared for v1 only: v2 adds no float32 arithmetic of its own (the same convs and
-# frozen norms), and its float32 gradients cost ~1 min of the suite; its float64 check stays.
-FLOAT32_ARCHITECTURES = ("v1",)
-
-
-@pytest.fixture(scope="module", params=["v1", "v2"])
-def grads(request):
-    """Both sides' gradients for torchvision's v1 or v2 architecture (v2: its norms frozen on
-    both sides, `loss_parity.torch_v2_model`): float64 for both, float32 for v1."""
-    setup = loss_parity.build(request.param)
+@pytest.fixture(scope="module")
+def grads():
+    """Both sides' gradients, float64 and float32."""
+    setup = loss_parity.build()
     model = MaskRCNN(frozen({**setup["config"].to_dict(),
                              "mask_rois_per_image": loss_parity.MASK_ROIS}))
     variables, batch = setup["variables"], setup["jax_batch"]
-    float32 = request.param in FLOAT32_ARCHITECTURES
 
     def jax_grad(dtype):
         v = jax.tree.map(lambda a: jnp.asarray(a, dtype), variables)
@@ -140,7 +132,7 @@ def grads(request):
         g, losses = jax.jit(jax.grad(loss, has_aux=True))(v["params"])
         return v["params"], jax.block_until_ready(g), {k: float(x) for k, x in losses.items()}
 
-    out = dict(setup=setup, architecture=request.param)
+    out = dict(setup=setup)
     times = {}
     start = time.perf_counter()
     out["t64"] = _torch_float64(setup)
@@ -151,24 +143,16 @@ def grads(request):
         _, g64, out["jax64_losses"] = jax_grad(jnp.float64)
         out["jax64"] = _flat(g64)
     times["jax grad float64 (compile + run)"] = time.perf_counter() - start
-    out["params"] = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), variables["params"])
-    if float32:
-        start = time.perf_counter()
-        out["t32"] = _torch_float32(setup)
-        out["torch32"] = _to_flax_params(setup, out["t32"]["total"])
-        times["torch float32"] = time.perf_counter() - start
-        start = time.perf_counter()
-        out["params"], out["jax32"], out["jax_losses"] = jax_grad(jnp.float32)
-        out["jax32_flat"] = _flat(out["jax32"])
-        times["jax grad float32 (compile + run)"] = time.perf_counter() - start
+    start = time.perf_counter()
+    out["t32"] = _torch_float32(setup)
+    out["torch32"] = _to_flax_params(setup, out["t32"]["total"])
+    times["torch float32"] = time.perf_counter() - start
+    start = time.perf_counter()
+    out["params"], out["jax32"], out["jax_losses"] = jax_grad(jnp.float32)
+    out["jax32_flat"] = _flat(out["jax32"])
+    times["jax grad float32 (compile + run)"] = time.perf_counter() - start
     print("\n" + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
     return out
-
-
-def _float32(grads):
-    if "jax32" not in grads:
-        pytest.skip(f"float32 gradients are compared for {FLOAT32_ARCHITECTURES} only")
-    return grads
 
 
 def _trainable_leaves(params):
@@ -203,9 +187,8 @@ def _check_not_vacuous(rows):
 
 
 def test_same_losses(grads):
-    pairs = [(grads["jax64_losses"], grads["t64"]["losses"])]
-    if "jax32" in grads:
-        pairs.append((grads["jax_losses"], grads["t32"]["losses"]))
+    pairs = [(grads["jax64_losses"], grads["t64"]["losses"]),
+             (grads["jax_losses"], grads["t32"]["losses"])]
     for jax_losses, torch_losses in pairs:
         for name in LOSS_NAMES:
             ours, theirs = jax_losses[name], torch_losses[name]
@@ -232,7 +215,6 @@ def test_frozen_layers_match_torchvision(grads):
 def test_optimizer_zeroes_frozen_updates(grads):
     """jax.grad gives the frozen leaves a gradient; the optimizer's update for them is exactly
     zero (no weight decay either), and non-zero for every trained leaf."""
-    grads = _float32(grads)
     opt_cfg = ml_collections.ConfigDict(dict(
         name="sgd", learning_rate=0.02, reference_batch_size=16, warmup_steps=10,
         warmup_factor=0.1, milestones=(100,), gamma=0.1, grad_clip_norm=0.0,
@@ -262,7 +244,6 @@ def test_gradients_match_torchvision_float64(grads):
 
 
 def test_gradients_match_torchvision_float32(grads):
-    grads = _float32(grads)
     trained, _ = _trainable_leaves(grads["params"])
     rows = _compare(grads["jax32_flat"], grads["torch32"], trained)
     _table("float32 jax vs float32 torchvision", rows)
