@@ -1,7 +1,7 @@
 """The recipe configs run: each for 2 steps in a tiny variant (tiny backbone and heads, the
 16-image shapes set, a 64 px canvas, LSJ into a 64 px square), as `train.train_and_evaluate`;
 and the v2 LSJ recipe (synchronised batch norm) on 4 devices and on 2 processes x 2 devices
-equals 1 device for the same global batch (`python train.py` subprocesses)."""
+(`python train.py` subprocesses) equals 1 device (this process) for the same global batch."""
 
 import json
 import os
@@ -85,7 +85,10 @@ def test_v2_recipe_on_four_devices_and_two_processes_equals_one(data_dir, tmp_pa
     states = {}
     for topology in ("1", "4", "2x2"):
         workdir = str(tmp_path / f"run{topology}")
-        if topology == "2x2":
+        if topology == "1":  # in this process: train.py's loop on the recipe's tiny variant
+            train.train_and_evaluate(tiny(coco_r50_fpn_v2_lsj.get_config(), data_dir), workdir)
+            _check_trained(workdir)
+        elif topology == "2x2":
             # The README's launch with this recipe instead of configs/tiny.py.
             argv = [*readme_command("train.py", replace={
                 "/tmp/two": workdir, "/tmp/tfds": data_dir,
@@ -100,8 +103,6 @@ def test_v2_recipe_on_four_devices_and_two_processes_equals_one(data_dir, tmp_pa
                                  cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
             assert out.returncode == 0, out.stderr[-3000:]
             assert f"CpuDevice(id={int(topology) - 1})" in out.stderr
-        if topology == "1":  # the recipe's tiny variant trains
-            _check_trained(workdir)
         directory = os.path.join(workdir, "checkpoints")
         with ocp.CheckpointManager(directory) as manager:
             states[topology] = {step: _params(manager.restore(step, args=ocp.args.Composite(
@@ -117,8 +118,8 @@ def test_v2_recipe_on_four_devices_and_two_processes_equals_one(data_dir, tmp_pa
 
 
 def test_tpu_pod_recipe_trains(data_dir, tmp_path):
-    """configs/tpu_pod_v2_lsj.py in its tiny variant, in this process (the same program as the
-    1-device run above: a compilation-cache hit)."""
+    """configs/tpu_pod_v2_lsj.py in its tiny variant, in this process (in the tiny variant the
+    same model, optimizer and batch as the 1-device run above: its compiled step)."""
     config = tiny(tpu_pod_v2_lsj.get_config(), data_dir)
     assert config.data.augmentation == "lsj" and config.model.batch_norm == "train"
     train.train_and_evaluate(config, str(tmp_path))
