@@ -138,8 +138,19 @@ def evaluate(config, model_cfg, state, workdir: str):
 
 def training_model_config(config):
     """The model config of a training run: `config.model`, with ground-truth masks as the input
-    pipeline gives them (crops on their boxes)."""
-    return model_config(**{**config.model.to_dict(), "gt_mask_format": "crops"})
+    pipeline gives them (crops on their boxes) and a batch-wide mask budget
+    (`model.mask_rois_per_batch`) shared equally by the devices, each packing its own share of
+    the global batch (`mask_budget_groups`)."""
+    settings = {**config.model.to_dict(), "gt_mask_format": "crops"}
+    budget = settings.get("mask_rois_per_batch")
+    if budget is not None:
+        devices = jax.device_count()
+        if budget % devices:
+            raise ConfigError(f"config.model.mask_rois_per_batch = {budget}: must be divisible "
+                              f"by the number of devices ({devices}), each of which gets an "
+                              "equal share")
+        settings["mask_budget_groups"] = devices
+    return model_config(**settings)
 
 
 def compiled_train_step(config, mesh, param_shapes):

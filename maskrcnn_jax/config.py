@@ -81,9 +81,12 @@ STATIC_DEFAULTS: dict[str, Any] = dict(
     mask_dim_reduced=256,
     # Training only: static shapes of the mask head's samples and targets
     # (`MaskRCNN.training_outputs`). Mask-head RoIs per image (None: every sampled positive,
-    # `box_batch_size_per_image * box_positive_fraction`), or one budget for the whole batch.
+    # `box_batch_size_per_image * box_positive_fraction`), or one budget for the whole batch,
+    # shared equally by `mask_budget_groups` groups of consecutive images (train.py: one per
+    # device), each a uniform sample of its positives when they exceed it.
     mask_rois_per_image=None,
     mask_rois_per_batch=None,
+    mask_budget_groups=1,
     # Ground-truth masks given as 'crops' on their boxes (the input pipeline's) or 'full'
     # canvas-sized masks; None decides by shape (masks the canvas size are full).
     gt_mask_format=None,

@@ -193,31 +193,42 @@ def positive_rois(targets: Dict[str, jnp.ndarray], num_rois: int) -> Dict[str, j
 
 
 def pack_positive_rois(rois: Dict[str, jnp.ndarray], mask_targets: jnp.ndarray,
-                       num_rois: int):
-    """The valid entries of a batch's `positive_rois` (and their `mask_targets`) packed into
-    `num_rois` slots, in image order: a batch-wide mask-head budget instead of one per image.
+                       num_rois: int, key: jax.Array):
+    """The valid entries of a group of images' `positive_rois` (and their `mask_targets`) in
+    `num_rois` slots: one mask-head budget shared by the group instead of one per image.
+
+    While the group's positives fit, all are kept (torchvision's mask loss: the mean over every
+    positive). Beyond the budget, `num_rois` of them are drawn uniformly without replacement
+    from the whole group: every positive is kept with the same probability, whichever image
+    it belongs to. Kept entries stay in image order.
 
     Args:
-      rois: `positive_rois` stacked over the batch: `(B, D)` leading axes.
-      mask_targets: `(B, D, M, M)`.
+      rois: `positive_rois` stacked over the group's g images: `(g, D)` leading axes.
+      mask_targets: `(g, D, M, M)`.
       num_rois: static N.
+      key: PRNG key of the draw (used only when the positives exceed N).
 
     Returns:
-      (rois with `(1, N)` leading axes, mask targets `(1, N, M, M)`, image index `(N,)` int32 of
-      each slot). Valid entries come first; beyond the first N valid ones, positives are dropped.
+      (rois with an `(N,)` leading axis, mask targets `(N, M, M)`, the index `(N,)` int32 of
+      each slot's image within the group). Slots beyond the positives are invalid.
     """
-    b, d = rois["valid"].shape
-    flat_valid = rois["valid"].reshape(b * d)
-    order = jnp.argsort(~flat_valid, stable=True)[:num_rois]
-    if order.shape[0] < num_rois:  # a budget above B * D: pad with invalid slots
-        order = jnp.pad(order, (0, num_rois - order.shape[0]))
-        keep = jnp.arange(num_rois) < b * d
+    rois = {k: jnp.asarray(v) for k, v in rois.items()}
+    mask_targets = jnp.asarray(mask_targets)
+    g, d = rois["valid"].shape
+    flat_valid = rois["valid"].reshape(g * d)
+    if num_rois >= g * d:  # the budget holds every slot: keep all, pad with invalid ones
+        chosen = jnp.pad(jnp.arange(g * d), (0, num_rois - g * d))
+        keep = jnp.arange(num_rois) < g * d
     else:
+        # Each valid entry gets a random priority in [0, 1), invalid ones 2: the N smallest are
+        # a uniform sample of the positives (or all of them, when at most N), put back in order.
+        priority = jnp.where(flat_valid, jax.random.uniform(key, (g * d,)), 2.0)
+        chosen = jnp.sort(jnp.argsort(priority)[:num_rois])
         keep = jnp.ones(num_rois, bool)
-    packed = {k: v.reshape(b * d, *v.shape[2:])[order][None] for k, v in rois.items()}
-    packed["valid"] = packed["valid"] & keep[None]
-    targets = mask_targets.reshape(b * d, *mask_targets.shape[2:])[order][None]
-    return packed, targets, (order // d).astype(jnp.int32)
+    packed = {k: v.reshape(g * d, *v.shape[2:])[chosen] for k, v in rois.items()}
+    packed["valid"] = packed["valid"] & keep
+    targets = mask_targets.reshape(g * d, *mask_targets.shape[2:])[chosen]
+    return packed, targets, (chosen // d).astype(jnp.int32)
 
 
 def mask_targets(

@@ -254,10 +254,10 @@ class MaskRCNN(nn.Module):
 
         The mask head's static budget comes from the config: `mask_rois_per_image` D slots per
         image (None: `int(box_batch_size_per_image * box_positive_fraction)`, every sampled
-        positive; fewer drop the positives beyond D), or with `mask_rois_per_batch` M slots for
-        the whole batch, the positives of every image packed in image order (all kept when they
-        fit: torchvision's loss; beyond it, the last images' positives are dropped); the mask
-        entries of the outputs then have shape `(1, M, ...)`. `max_mask_sampling_grid` bounds
+        positive; fewer drop the positives beyond D), or with `mask_rois_per_batch` M slots
+        shared by the batch (`_pack_mask_rois`: all positives kept while they fit, torchvision's
+        loss; beyond it a uniform sample of them); the mask entries of the outputs then have
+        shape `(mask_budget_groups, M / mask_budget_groups, ...)`. `max_mask_sampling_grid` bounds
         the RoIAlign grid of full-resolution gt masks (see `targets.mask_targets`).
 
         Returns:
@@ -318,14 +318,8 @@ class MaskRCNN(nn.Module):
             mask_features = self.pool(fpn_features, rois["boxes"], padded_sizes,
                                       mask_pool_size(cfg))
         else:
-            rois, mask_targets, image_index = tg.pack_positive_rois(
-                rois, mask_targets, mask_rois_per_batch)
-            # Every image pools the packed boxes; each RoI keeps its own image's result.
-            pooled = self.pool(fpn_features, jnp.broadcast_to(
-                rois["boxes"], (num_images, *rois["boxes"].shape[1:])), padded_sizes,
-                mask_pool_size(cfg))
-            mask_features = jnp.take_along_axis(
-                pooled, image_index[None, :, None, None, None], axis=0)
+            rois, mask_targets, mask_features = self._pack_mask_rois(
+                fpn_features, padded_sizes, rois, mask_targets, jax.random.fold_in(key, 2))
         mask_logits = self.mask_logits(mask_features, True, rois["valid"])
         return {
             "objectness": jnp.concatenate(rpn["objectness"], axis=1),
@@ -340,6 +334,39 @@ class MaskRCNN(nn.Module):
             "mask_positives": jnp.sum(roi_tg["positive"], axis=-1).astype(jnp.int32),
             "mask_rois_kept": jnp.sum(rois["valid"]).astype(jnp.int32),
         }
+
+
+    def _pack_mask_rois(self, fpn_features, padded_sizes, rois, mask_targets, key):
+        """The batch-wide mask budget: the batch's B images split into `mask_budget_groups`
+        groups of consecutive images (train.py: one per device, so each group is one device's
+        share of the batch and the packing never leaves it), each group's positives packed into
+        `mask_rois_per_batch / mask_budget_groups` slots (`targets.pack_positive_rois`).
+
+        Returns the packed rois and mask targets with `(groups, N)` leading axes, and their
+        RoIAligned features `(groups, N, S, S, C)`: each image pools its group's packed boxes
+        and each slot keeps its own image's result."""
+        cfg = self.config
+        groups = int(cfg.get("mask_budget_groups") or 1)
+        num_images = padded_sizes.shape[0]
+        if num_images % groups or cfg.mask_rois_per_batch % groups:
+            raise ValueError(
+                f"mask_budget_groups = {groups} must divide the batch ({num_images} images) and "
+                f"mask_rois_per_batch ({cfg.mask_rois_per_batch})")
+        per_group = num_images // groups
+
+        def grouped(x):
+            return x.reshape(groups, per_group, *x.shape[1:])
+
+        budget = cfg.mask_rois_per_batch // groups
+        rois, mask_targets, image_index = jax.vmap(
+            lambda r, t, k: tg.pack_positive_rois(r, t, budget, k))(
+                jax.tree_util.tree_map(grouped, rois), grouped(mask_targets),
+                jax.random.split(key, groups))
+        pooled = grouped(self.pool(fpn_features, jnp.repeat(rois["boxes"], per_group, axis=0),
+                                   padded_sizes, mask_pool_size(cfg)))
+        features = jnp.take_along_axis(
+            pooled, image_index[:, None, :, None, None, None], axis=1)[:, 0]
+        return rois, mask_targets, features
 
 
 def norm_kinds(config) -> Tuple[str, Optional[str]]:

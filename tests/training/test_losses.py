@@ -385,3 +385,81 @@ def test_roi_targets_labels_and_positive_rois():
             assert not np.any(deltas)
     rois = tg.positive_rois(out, 12)
     assert rois["valid"].sum() == num_pos and rois["boxes"].shape == (12, 4)
+
+
+def test_packed_mask_budget_keeps_all_positives_when_they_fit():
+    """`pack_positive_rois` with room for every positive: each one kept once, with its own
+    image index and mask target (checked entry by entry against the inputs)."""
+    rng = np.random.default_rng(3)
+    g, d, m = 3, 6, 4
+    valid = rng.random((g, d)) < 0.5
+    rois = {"boxes": rng.normal(size=(g, d, 4)).astype(np.float32),
+            "labels": rng.integers(1, 5, (g, d)).astype(np.int32),
+            "matched_idxs": rng.integers(0, 3, (g, d)).astype(np.int32), "valid": valid}
+    targets = rng.random((g, d, m, m)).astype(np.float32)
+    for budget in (int(valid.sum()), g * d + 5):
+        packed, packed_targets, image = jax.device_get(jax.jit(
+            lambda r, t, k, n=budget: tg.pack_positive_rois(r, t, n, k))(
+                rois, targets, jax.random.PRNGKey(0)))
+        kept = packed["valid"]
+        assert kept.shape == (budget,) and kept.sum() == valid.sum()
+        expected = sorted((b, tuple(rois["boxes"][b, i])) for b, i in zip(*np.nonzero(valid)))
+        assert sorted((int(b), tuple(x)) for b, x in zip(image[kept], packed["boxes"][kept])) \
+            == expected
+        for slot in np.nonzero(kept)[0]:
+            b, i = image[slot], np.nonzero(np.all(rois["boxes"][image[slot]]
+                                                  == packed["boxes"][slot], -1))[0][0]
+            np.testing.assert_array_equal(packed_targets[slot], targets[b, i])
+            assert packed["labels"][slot] == rois["labels"][b, i]
+
+
+def test_packed_mask_budget_samples_positives_uniformly_across_the_batch():
+    """Beyond the budget, every positive is kept with the same probability N / P whichever
+    image holds it (3,000 draws; a budget filled in image order would keep the last image's
+    positives never, and fails this)."""
+    valid = np.zeros((2, 8), bool)
+    valid[0, :6] = True  # 6 positives in the first image
+    valid[1, :3] = True  # 3 in the second
+    rois = {"boxes": np.arange(64, dtype=np.float32).reshape(2, 8, 4),
+            "labels": np.ones((2, 8), np.int32), "matched_idxs": np.zeros((2, 8), np.int32),
+            "valid": valid}
+    targets = np.zeros((2, 8, 2, 2), np.float32)
+    budget, draws = 4, 3000
+    packed, _, image = jax.device_get(jax.jit(jax.vmap(
+        lambda k: tg.pack_positive_rois(rois, targets, budget, k)))(
+            jax.random.split(jax.random.PRNGKey(0), draws)))
+    assert np.all(packed["valid"].sum(axis=1) == budget)
+    # Which positive each slot holds: its first box coordinate / 4 is its flat position.
+    held = packed["boxes"][..., 0].astype(int) // 4
+    counts = np.bincount(held[packed["valid"]], minlength=16)
+    assert not np.any(counts[~valid.reshape(-1)])  # only positives are kept
+    rate = budget / valid.sum()
+    sigma = np.sqrt(rate * (1 - rate) / draws)
+    np.testing.assert_allclose(counts[valid.reshape(-1)] / draws, rate, atol=5 * sigma)
+    assert np.all(np.diff(held, axis=1) > 0)  # kept entries stay in image order
+    assert set(np.unique(image)) == {0, 1}
+
+
+def test_grouped_mask_budget_equals_per_image_positives(tiny):
+    """`mask_rois_per_batch` split into `mask_budget_groups` = 2 groups of 1 image (what
+    train.py sets on 2 devices): with room for every positive, the losses equal those of the
+    per-image budget keeping every positive; one slot per image fewer than the busiest image's
+    positives drops some, counted by `mask_positives_dropped`."""
+    model, variables, batch = tiny["model"], tiny["variables"], tiny["batch"]
+    settings = model.config.to_dict()
+
+    def losses(**overrides):
+        m = MaskRCNN(frozen({**settings, **overrides}))
+        _, (terms, _) = jax.jit(lambda v, b, k: compute_losses(m, v, b, k))(
+            variables, batch, jax.random.PRNGKey(1))
+        return {k: float(v) for k, v in terms.items()}
+
+    every = losses(mask_rois_per_image=None)
+    most = int(every["mask_positives_max"])
+    assert most >= 2 and every["mask_positives_dropped"] == 0
+    grouped = losses(mask_rois_per_batch=2 * most, mask_budget_groups=2)
+    for name in LOSS_NAMES:
+        np.testing.assert_allclose(grouped[name], every[name], rtol=1e-6, err_msg=name)
+    short = losses(mask_rois_per_batch=2 * (most - 1), mask_budget_groups=2)
+    assert short["mask_positives_dropped"] >= 1
+    assert short["loss_mask"] != every["loss_mask"]
