@@ -1,7 +1,12 @@
 """The main job (`configs/shapes.py`) with the field's from-scratch recipe: trainable batch norm
 in the backbone (torchvision's ResNet without pretrained weights: BatchNorm2d, statistics over
-the global batch) and large-scale jitter scaled to the shapes canvas (160 x 160 squares, scale
-0.1-2.0, as torchvision's v2 recipe into 1024). Same steps, schedule and heads as the main job.
+the global batch) and large-scale jitter scaled to the shapes canvas (160 x 160 squares). Same
+steps, schedule and heads as the main job.
+
+The scale range is 0.5-2.0 (TF Model Garden's for ResNet), not torchvision's 0.1-2.0: the shapes
+(15-90 px across) would shrink to 1.5-9 px at 0.1, far under the smallest anchor (32 px), and in
+1,600 steps the region proposals never recover from it (measured: BENCHMARKS.md, "Batch norm +
+large-scale jitter on the shapes set").
 
     python train.py --config=configs/shapes_bn_lsj.py --workdir=/tmp/shapes_bn_lsj
 
@@ -18,5 +23,5 @@ def get_config():
     config.model.batch_norm = "train"
     config.data.augmentation = "lsj"
     config.data.lsj_size = 160
-    config.data.lsj_scale_range = (0.1, 2.0)
+    config.data.lsj_scale_range = (0.5, 2.0)
     return config
