@@ -13,7 +13,9 @@ statistics only, as torchvision's in eval mode).
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from maskrcnn_jax.models.norm import BATCH_NORM_EPS, normalize
 from maskrcnn_jax.models.resnet import conv2d, zero_outside
@@ -32,8 +34,17 @@ def head_norm(norm: str, name: str, x, dtype=None, train: bool = False, mask=Non
     return normalize(norm, name, x, eps=BATCH_NORM_EPS, dtype=dtype, train=train, mask=mask)
 
 
-def _dense(features, dtype, name):
-    return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, name=name)
+def _dense(x, features, dtype, name):
+    """`nn.Dense` on `x` (in the caller's compact scope) initialised as torch's `nn.Linear` (the
+    box head's and predictor's layers keep torch's defaults): weight and bias uniform in
+    +-1/sqrt(fan_in) (`kaiming_uniform_(a=sqrt(5))` and its bias bound)."""
+    bound = 1.0 / float(np.sqrt(x.shape[-1]))
+
+    def uniform(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, kernel_init=uniform,
+                    bias_init=uniform, name=name)(x)
 
 
 class RPNHead(nn.Module):
@@ -91,8 +102,8 @@ class TwoMLPHead(nn.Module):
     @nn.compact
     def __call__(self, x):
         x = x.reshape(x.shape[0], -1)
-        x = nn.relu(_dense(self.representation_size, self.dtype, "fc6")(x))
-        return nn.relu(_dense(self.representation_size, self.dtype, "fc7")(x))
+        x = nn.relu(_dense(x, self.representation_size, self.dtype, "fc6"))
+        return nn.relu(_dense(x, self.representation_size, self.dtype, "fc7"))
 
 
 class FastRCNNConvFCHead(nn.Module):
@@ -120,7 +131,7 @@ class FastRCNNConvFCHead(nn.Module):
             x = nn.relu(head_norm(self.norm, f"bn_{i}", x, self.dtype, train, mask))
         x = x.reshape(x.shape[0], -1)
         for j, features in enumerate(self.fc_layers):
-            x = nn.relu(_dense(features, self.dtype, f"fc_{j}")(x))
+            x = nn.relu(_dense(x, features, self.dtype, f"fc_{j}"))
         return x
 
 
@@ -137,8 +148,8 @@ class FastRCNNPredictor(nn.Module):
     @nn.compact
     def __call__(self, x):
         x = x.reshape(x.shape[0], -1)
-        class_logits = _dense(self.num_classes, self.dtype, "cls_score")(x)
-        box_deltas = _dense(4 * self.num_classes, self.dtype, "bbox_pred")(x)
+        class_logits = _dense(x, self.num_classes, self.dtype, "cls_score")
+        box_deltas = _dense(x, 4 * self.num_classes, self.dtype, "bbox_pred")
         return class_logits, box_deltas
 
 
