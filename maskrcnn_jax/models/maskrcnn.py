@@ -335,7 +335,6 @@ class MaskRCNN(nn.Module):
             "mask_rois_kept": jnp.sum(rois["valid"]).astype(jnp.int32),
         }
 
-
     def _pack_mask_rois(self, fpn_features, padded_sizes, rois, mask_targets, key):
         """The batch-wide mask budget: the batch's B images split into `mask_budget_groups`
         groups of consecutive images (train.py: one per device, so each group is one device's
