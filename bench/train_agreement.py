@@ -221,7 +221,7 @@ def train_jax(args, seed: int, run_dir: str, data_dir: str, folder: str) -> None
         for line in f:
             row = json.loads(line)
             if row["split"] == "train":
-                curve[row["step"]] = {k: row[k] for k in LOSSES}
+                curve[row["step"]] = {k: row[k] for k in (*LOSSES, "grad_norm")}
             elif row["split"] == "eval":
                 final_eval = {k: row[k] for k in ("bbox/AP", "segm/AP")}
     json.dump({"seconds": seconds, "curve": curve, "own_eval": final_eval},
@@ -269,11 +269,12 @@ def train_torchvision(args, seed: int, run_dir: str, data_dir: str, folder: str)
             raise FloatingPointError(f"step {step}: {losses}")
         sgd.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, float(opt.grad_clip_norm))
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, float(opt.grad_clip_norm))
         sgd.step()
-        window.append({k: v.item() for k, v in losses.items()})
+        window.append({**{k: v.item() for k, v in losses.items()}, "grad_norm": grad_norm.item()})
         if (step + 1) % int(config.log_every_steps) == 0:
-            curve[step + 1] = {k: float(np.mean([w[k] for w in window])) for k in LOSSES}
+            curve[step + 1] = {k: float(np.mean([w[k] for w in window]))
+                               for k in (*LOSSES, "grad_norm")}
             window = []
             if (step + 1) % 100 == 0:
                 print(f"torchvision seed {seed} step {step + 1}: loss "
@@ -309,6 +310,18 @@ def score(args, side: str, seed: int, run_dir: str, data_dir: str, folder: str) 
 
 
 # ---------------------------------------------------------------- report
+def plateau_exit(curve: dict, level: float = 0.7):
+    """The first logged step where the classifier loss, averaged over the 100 steps before it,
+    is under `level`: when a from-scratch run leaves the plateau on which its box head predicts
+    the class prior (loss ~0.8 here). None if it never does."""
+    steps = sorted(curve, key=int)
+    for i, step in enumerate(steps):
+        window = [curve[s]["loss_classifier"] for s in steps[max(0, i - 3):i + 1]]
+        if int(step) >= 100 and np.mean(window) < level:
+            return int(step)
+    return None
+
+
 def report(out: str) -> None:
     rows = []
     for path in sorted(glob.glob(os.path.join(out, "*", "*", "*", "result.json"))):
@@ -317,13 +330,13 @@ def report(out: str) -> None:
         print("no finished runs under", out)
         return
     print(f"{'data':<7}{'side':<12}{'seed':>5}{'steps':>6}{'mask AP':>9}{'box AP':>8}"
-          f"{'own eval':>15}{'minutes':>8}")
+          f"{'own eval':>15}{'minutes':>8}{'plateau exit':>14}")
     for r in rows:
         own = r["own_eval"]
         own_text = f"{own['segm/AP']:.3f}/{own['bbox/AP']:.3f}" if own else "-"
         print(f"{r['data']:<7}{r['side']:<12}{r['seed']:>5}{r['steps']:>6}"
               f"{r['scores']['segm/AP']:>9.3f}{r['scores']['bbox/AP']:>8.3f}{own_text:>15}"
-              f"{r['seconds'] / 60:>8.1f}")
+              f"{r['seconds'] / 60:>8.1f}{str(plateau_exit(r['curve'])):>14}")
     print("\nmean (range) per data set and side; difference of the means maskrcnn_jax - "
           "torchvision")
     for data in sorted({r["data"] for r in rows}):
