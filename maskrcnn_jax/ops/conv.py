@@ -9,11 +9,7 @@ batch and space. The input gradient is the transposed convolution (`jax.linear_t
 forward recomputed). Same values as XLA's up to float32 summation order.
 
 Flax's `nn.Conv(..., conv_general_dilated=conv_nhwc)` uses it; other layouts, dilations or
-feature groups fall back to `lax.conv_general_dilated`, and so do batches of `ROI_BATCH` or
-more images: those are the heads' convolutions on RoIs (the mask head's 3x3 at 14x14 on every
-mask RoI, v2's box head at 7x7), small maps in large batches, where XLA's own gradients are
-faster in both directions (mask head at 100 RoIs: kernel gradient 248 vs 443 ms, input gradient
-232 vs 302 ms, one core; `bench/conv.py`, BENCHMARKS.md).
+feature groups fall back to `lax.conv_general_dilated`.
 """
 
 import functools
@@ -23,7 +19,6 @@ import jax.numpy as jnp
 from jax import lax
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
-ROI_BATCH = 8  # batches this large are RoIs: XLA's own gradients (module docstring)
 
 
 def _forward(x, w, strides, padding):
@@ -67,7 +62,7 @@ def conv_nhwc(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation
     HWIO convolutions with explicit padding, no dilation and one feature group."""
     simple = (
         not kwargs and precision is None and feature_group_count == 1
-        and lhs.ndim == 4 and lhs.shape[0] < ROI_BATCH and not isinstance(padding, str)
+        and lhs.ndim == 4 and not isinstance(padding, str)
         and all(d == 1 for d in (lhs_dilation or (1, 1)))
         and all(d == 1 for d in (rhs_dilation or (1, 1)))
         and dimension_numbers is not None
