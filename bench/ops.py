@@ -38,7 +38,7 @@ torchvision = import_torchvision()
 from timing import header, median_seconds, seconds, torch_device, torch_sync  # noqa: E402
 from torchvision.ops import MultiScaleRoIAlign  # noqa: E402
 
-from maskrcnn_jax.ops.nms import nms_padded  # noqa: E402
+from maskrcnn_jax.ops.nms import SELF_SUPPRESSION, default_settings, nms_padded  # noqa: E402
 from maskrcnn_jax.ops.roi_align import multilevel_roi_align  # noqa: E402
 
 DEVICE = torch_device(jax, torch)
@@ -72,14 +72,25 @@ def bench_nms(n, repeats, rng):
     rows = []
     # max_output=n returns every kept box, as torchvision (equal work); 1000 is the RPN's
     # post-NMS top-n, where maskrcnn_jax may stop early (torchvision's nms has no such limit).
-    for max_output in sorted({n, min(n, 1000)}, reverse=True):
-        fn = jax.jit(lambda b, s, v, m=max_output: nms_padded(b, s, v, 0.7, max_output=m))
+    default_pass = default_settings()[0]
+    other = [p for p in SELF_SUPPRESSION if p != default_pass][0]
+    variants = [(m, None) for m in sorted({n, min(n, 1000)}, reverse=True)]
+    variants.append((min(n, 1000), other))  # the other backend's in-tile pass, for comparison
+    for max_output, self_suppression in variants:
+        settings = {} if self_suppression is None else dict(
+            zip(("self_suppression", "tile_size", "block_size"),
+                default_settings("cpu" if other == "sequential" else "gpu")))
+        fn = jax.jit(lambda b, s, v, m=max_output, kw=settings: nms_padded(
+            b, s, v, 0.7, max_output=m, **kw))
         compile_s = seconds(lambda: jax.block_until_ready(fn(jb, js, jv)))
         count = int(fn(jb, js, jv)[1])
         if count != min(kept, max_output):
             raise AssertionError(f"nms_padded kept {count} boxes, torchvision {kept}")
         t_jax = median_seconds(lambda: jax.block_until_ready(fn(jb, js, jv)), repeats)
         what = "all kept, equal work" if max_output == n else "RPN cap"
+        what += f", {settings.get('self_suppression', default_pass)} in-tile pass" + (
+            "" if self_suppression is None else f" (not this backend's default), tile "
+            f"{settings['tile_size']}")
         rows.append((f"NMS {n:,} boxes, IoU 0.7, torchvision keeps {kept:,}; jax max_output "
                      f"{max_output:,} ({what})", t_jax, t_tv, compile_s))
     return rows

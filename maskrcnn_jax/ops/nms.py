@@ -20,31 +20,54 @@ loop. Each tile is
 The walk stops as soon as `max_output` boxes are kept. Only one block x tile (or tile x tile)
 IoU matrix is materialised at a time, so N = 5,000 boxes costs no N x N memory.
 
-Why a sequential in-tile pass rather than the TPU code's fixed-point iteration ("boxes with no
-live overlapping predecessor are kept; drop what they overlap; repeat"): both are exact greedy
-NMS (the fixed point is reached when every live box has no live overlapping predecessor, and
-every drop is caused by a box already proven kept), but on CPU the fixed point was not faster
-and needs up to `tile` rounds of tile x tile work on chains of overlapping boxes.
+In-tile pass, by backend (`self_suppression`; the results are identical):
+  - "sequential" (the CPU default, tiles of 64): a `lax` loop step per candidate row. A CPU loop
+    step costs microseconds, and the fixed point below needs up to `tile` rounds of tile x tile
+    work on chains of overlapping boxes: on CPU the sequential pass was faster.
+  - "fixed_point" (the default on GPU and TPU, tiles of 512: the TPU code's iteration): boxes
+    with no live overlapping predecessor are kept; what they overlap is dropped; repeat until
+    nothing changes. Exact greedy NMS: at the fixed point every live box has no live
+    overlapping predecessor (else the earliest live box that has one would be dropped by that
+    predecessor, which has none), and every drop is caused by a box already proven kept. Each
+    round is two tile x tile reductions; the rounds are as many as the longest suppression
+    chain, not one per box: on a GPU each loop step is a kernel launch (one NVIDIA H100: the
+    sequential pass took 32 ms for 1,000 boxes against torchvision's 0.5 ms CUDA kernel,
+    BENCHMARKS.md "One GPU").
 
 Padding: invalid boxes are sorted after all valid ones and are never kept, so they never
 suppress. Output indices are padded with -1 beyond `count`.
 """
 
-from typing import Tuple, Union
+from typing import Optional, Tuple, Union
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
 from maskrcnn_jax.ops.boxes import box_area
 
-# Candidates per tile and kept boxes per cross-suppression block (the timings behind these
+# CPU: candidates per tile and kept boxes per cross-suppression block (the timings behind these
 # values: BENCHMARKS.md, "NMS tile sizes"). Small tiles keep the sequential in-tile pass short;
 # larger kept blocks mean fewer loop iterations (XLA CPU while-loop steps cost microseconds) but
 # more padding in the last block.
 DEFAULT_TILE_SIZE = 64
 DEFAULT_BLOCK_SIZE = 256
+# GPU / TPU: few, wide steps (the TPU Mask R-CNN's NMS_TILE_SIZE), every loop step being a
+# device round trip.
+ACCELERATOR_TILE_SIZE = 512
+ACCELERATOR_BLOCK_SIZE = 512
+SELF_SUPPRESSION = ("sequential", "fixed_point")
 
 Threshold = Union[float, jnp.ndarray]
+
+
+def default_settings(backend: Optional[str] = None) -> Tuple[str, int, int]:
+    """`(self_suppression, tile_size, block_size)` for a backend (default JAX's default
+    backend, read when the NMS is traced): the sequential in-tile pass with small tiles on the
+    CPU, the fixed-point pass with wide tiles elsewhere (GPU, TPU)."""
+    if (backend or jax.default_backend()) == "cpu":
+        return "sequential", DEFAULT_TILE_SIZE, DEFAULT_BLOCK_SIZE
+    return "fixed_point", ACCELERATOR_TILE_SIZE, ACCELERATOR_BLOCK_SIZE
 
 
 def nms_padded(
@@ -53,8 +76,9 @@ def nms_padded(
     valid: jnp.ndarray,
     iou_threshold: Threshold,
     max_output: int,
-    tile_size: int = DEFAULT_TILE_SIZE,
-    block_size: int = DEFAULT_BLOCK_SIZE,
+    tile_size: Optional[int] = None,
+    block_size: Optional[int] = None,
+    self_suppression: Optional[str] = None,
 ) -> Tuple[jnp.ndarray, jnp.ndarray]:
     """Greedy NMS of one image's padded boxes; same result as `torchvision.ops.nms` on the valid ones.
 
@@ -65,15 +89,20 @@ def nms_padded(
       iou_threshold: Python float or traced float scalar; a box is suppressed when its IoU with
         an earlier kept box is `> iou_threshold` (compared in float32).
       max_output: static int >= 0, the output length.
-      tile_size: static int, candidates per tile (performance only; results do not depend on it).
-      block_size: static int, kept boxes per cross-suppression block (performance only).
+      tile_size: static int, candidates per tile (performance only; results do not depend on
+        it); default by backend (`default_settings`).
+      block_size: static int, kept boxes per cross-suppression block (performance only);
+        default by backend.
+      self_suppression: static, "sequential" or "fixed_point", the in-tile pass (performance
+        only); default by backend.
 
     Returns:
       indices: `(max_output,)` int32 indices into `boxes` of the kept boxes in decreasing score
         order (torchvision's order, truncated to `max_output`), -1 beyond `count`.
       count: `()` int32, number of valid entries in `indices` (= min(kept, max_output)).
     """
-    return _nms_core(boxes, scores, None, valid, iou_threshold, max_output, tile_size, block_size)
+    return _nms_core(boxes, scores, None, valid, iou_threshold, max_output, tile_size, block_size,
+                     self_suppression)
 
 
 def batched_nms_padded(
@@ -83,8 +112,9 @@ def batched_nms_padded(
     valid: jnp.ndarray,
     iou_threshold: Threshold,
     max_output: int,
-    tile_size: int = DEFAULT_TILE_SIZE,
-    block_size: int = DEFAULT_BLOCK_SIZE,
+    tile_size: Optional[int] = None,
+    block_size: Optional[int] = None,
+    self_suppression: Optional[str] = None,
 ) -> Tuple[jnp.ndarray, jnp.ndarray]:
     """NMS independently per group (class or FPN level), as `torchvision.ops.batched_nms`.
 
@@ -99,14 +129,14 @@ def batched_nms_padded(
       valid: `(N,)` bool; False marks padding: never kept, never suppresses.
       iou_threshold: Python float or traced float scalar (suppress when IoU `> iou_threshold`).
       max_output: static int >= 0, the output length.
-      tile_size: static int, candidates per tile (performance only).
-      block_size: static int, kept boxes per cross-suppression block (performance only).
+      tile_size, block_size, self_suppression: static, performance only (`nms_padded`).
 
     Returns:
       indices: `(max_output,)` int32 kept indices into `boxes` by decreasing score, -1 padded.
       count: `()` int32 number of valid entries in `indices`.
     """
-    return _nms_core(boxes, scores, group_ids, valid, iou_threshold, max_output, tile_size, block_size)
+    return _nms_core(boxes, scores, group_ids, valid, iou_threshold, max_output, tile_size,
+                     block_size, self_suppression)
 
 
 def _suppression_matrix(
@@ -130,8 +160,16 @@ def _suppression_matrix(
     return iou > threshold
 
 
-def _nms_core(boxes, scores, group_ids, valid, iou_threshold, max_output, tile_size, block_size):
+def _nms_core(boxes, scores, group_ids, valid, iou_threshold, max_output, tile_size, block_size,
+              self_suppression):
     """Shared body of `nms_padded` / `batched_nms_padded` (group_ids None: one group)."""
+    default_pass, default_tile, default_block = default_settings()
+    self_suppression = self_suppression or default_pass
+    if self_suppression not in SELF_SUPPRESSION:
+        raise ValueError(f"self_suppression must be one of {SELF_SUPPRESSION}, got "
+                         f"{self_suppression!r}")
+    tile_size = tile_size or default_tile
+    block_size = block_size or default_block
     n = boxes.shape[0]
     max_output = int(max_output)
     if n == 0 or max_output == 0:
@@ -203,12 +241,8 @@ def _nms_core(boxes, scores, group_ids, valid, iou_threshold, max_output, tile_s
         if grouped:
             sup &= cand_groups[:, None] == cand_groups[None, :]
 
-        def self_body(i, alive):
-            return alive & ~(alive[i] & sup[i])
-
-        # Rows past the last alive candidate cannot change anything.
-        last = tile - jnp.argmax(alive[::-1])
-        alive = lax.fori_loop(0, jnp.where(jnp.any(alive), last, 0), self_body, alive)
+        alive = (_sequential_pass if self_suppression == "sequential" else _fixed_point_pass)(
+            sup, alive)
 
         # Append this tile's kept boxes to the buffer (positions past its end are dropped).
         pos = jnp.where(alive, count + jnp.cumsum(alive) - 1, buf_len)
@@ -231,3 +265,26 @@ def _nms_core(boxes, scores, group_ids, valid, iou_threshold, max_output, tile_s
     count = jnp.minimum(count, max_output)
     indices = jnp.pad(kept_index[:capacity], (0, max_output - capacity), constant_values=-1)
     return indices, count
+
+
+def _sequential_pass(sup: jnp.ndarray, alive: jnp.ndarray) -> jnp.ndarray:
+    """Greedy NMS inside a tile, one row at a time: `sup (T, T)` "row i suppresses later column
+    j", `alive (T,)` the candidates left after the earlier tiles -> those kept."""
+    def self_body(i, alive):
+        return alive & ~(alive[i] & sup[i])
+
+    # Rows past the last alive candidate cannot change anything.
+    last = sup.shape[0] - jnp.argmax(alive[::-1])
+    return lax.fori_loop(0, jnp.where(jnp.any(alive), last, 0), self_body, alive)
+
+
+def _fixed_point_pass(sup: jnp.ndarray, alive: jnp.ndarray) -> jnp.ndarray:
+    """`_sequential_pass` by the fixed-point iteration (module docstring): keep the live boxes
+    no live predecessor overlaps, drop what they overlap, until nothing changes."""
+    def body(state):
+        alive, _ = state
+        kept = alive & ~jnp.any(sup & alive[:, None], axis=0)
+        new = alive & ~jnp.any(sup & kept[:, None], axis=0)
+        return new, jnp.any(new != alive)
+
+    return lax.while_loop(lambda state: state[1], body, (alive, jnp.any(alive)))[0]

@@ -13,9 +13,9 @@ import pytest
 import torch
 import torchvision
 
-from maskrcnn_jax.ops.nms import batched_nms_padded, nms_padded
+from maskrcnn_jax.ops.nms import batched_nms_padded, default_settings, nms_padded
 
-STATIC = ("max_output", "tile_size", "block_size")
+STATIC = ("max_output", "tile_size", "block_size", "self_suppression")
 # The threshold is a traced argument: one compilation serves all thresholds of a shape.
 nms_jit = jax.jit(nms_padded, static_argnames=STATIC)
 batched_jit = jax.jit(batched_nms_padded, static_argnames=STATIC)
@@ -232,3 +232,53 @@ def test_batched_nms_large_and_ties_and_vmap():
     indices, counts = fn(g3)
     assert_same((indices[0], counts[0]), ref2, 200)
     assert_same((indices[1], counts[1]), torch_nms_padded(b2, s2, v2, 0.5), 200)
+
+
+# The fixed-point in-tile pass (the GPU / TPU default, `default_settings`) run here on the CPU:
+# the same exact results as the sequential one, on the data sets above that stress it most
+# (long suppression chains, ties, degenerate boxes, groups, early stop, small tiles).
+FIXED_POINT = dict(self_suppression="fixed_point")
+
+
+@pytest.mark.parametrize("tile_size,block_size", [(16, 8), (512, 512)])
+def test_fixed_point_pass_matches_torchvision(tile_size, block_size):
+    tiling = dict(tile_size=tile_size, block_size=block_size, **FIXED_POINT)
+    rng = np.random.default_rng(1)
+    boxes, scores = clustered_boxes(rng, 300)
+    valid = rng.random(300) > 0.2
+    for thr in [-0.5, 0.3, 0.7, 1.0]:
+        ref = torch_nms_padded(boxes, scores, valid, thr)
+        assert_same(nms_jit(boxes, scores, valid, thr, max_output=300, **tiling), ref, 300)
+        assert_same(nms_jit(boxes, scores, valid, thr, max_output=40, **tiling), ref, 40)
+    boxes, scores = clustered_boxes(rng, 300)
+    boxes[0:20, 2] = boxes[0:20, 0]          # zero width
+    boxes[30:45, [0, 2]] = boxes[30:45, [2, 0]]  # inverted x
+    boxes[55:60] = boxes[0]                  # identical zero-area boxes: NaN IoU
+    boxes[60:65] = boxes[70]                 # identical boxes
+    scores = (rng.integers(0, 4, 300) / 4).astype(np.float32)  # ties
+    ref = torch_nms_padded(boxes, scores, valid, 0.5)
+    assert len(ref) < 0.7 * valid.sum()
+    assert_same(nms_jit(boxes, scores, valid, 0.5, max_output=300, **tiling), ref, 300)
+    # Groups (integer coordinates: torchvision's offset trick exact).
+    boxes, scores = clustered_boxes(rng, 300, num_clusters=15, integer=True)
+    groups = rng.integers(0, 4, 300).astype(np.int32)
+    ref = torch_batched_nms_padded(boxes, scores, groups, valid, 0.5)
+    assert_same(batched_jit(boxes, scores, groups, valid, 0.5, max_output=300, **tiling), ref, 300)
+
+
+def test_fixed_point_pass_5000_boxes():
+    rng = np.random.default_rng(3)
+    boxes, scores = clustered_boxes(rng, 5000, num_clusters=400)
+    valid = np.ones(5000, bool)
+    ref = torch_nms_padded(boxes, scores, valid, 0.5)
+    assert_same(nms_jit(boxes, scores, valid, 0.5, max_output=1000, tile_size=512,
+                        block_size=512, **FIXED_POINT), ref, 1000)
+
+
+def test_default_settings_by_backend():
+    assert default_settings("cpu") == ("sequential", 64, 256)
+    assert default_settings("gpu") == default_settings("tpu") == ("fixed_point", 512, 512)
+    assert default_settings() == default_settings(jax.default_backend())
+    with pytest.raises(ValueError, match="self_suppression"):
+        nms_jit(*clustered_boxes(np.random.default_rng(0), 8), np.ones(8, bool), 0.5,
+                max_output=8, self_suppression="parallel")
