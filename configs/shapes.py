@@ -42,6 +42,8 @@ def get_config() -> ml_collections.ConfigDict:
         # positive, as torchvision does. The images have <= 6 objects: keep a random 8 of the
         # positives (the sampler's come in random order), a cheaper mask head.
         mask_rois_per_image=8,
+        # torchvision trains the batch of 4 as one padded tensor (one process, one device).
+        train_padding_group=4,
     )
 
     config.data.name = "shapes"

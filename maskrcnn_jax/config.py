@@ -87,6 +87,12 @@ STATIC_DEFAULTS: dict[str, Any] = dict(
     mask_rois_per_image=None,
     mask_rois_per_batch=None,
     mask_budget_groups=1,
+    # Training only: images padded together, as torchvision pads each batch tensor (one per
+    # GPU: 2 images in its reference recipe) to its largest image. Each group of this many
+    # consecutive images of the global batch trains on the group's padded extent: anchors,
+    # features and RoI pooling over it, the other images' padding being (easy) RPN negatives.
+    # 1: each image as if alone (inference's semantics).
+    train_padding_group=2,
     # Ground-truth masks given as 'crops' on their boxes (the input pipeline's) or 'full'
     # canvas-sized masks; None decides by shape (masks the canvas size are full).
     gt_mask_format=None,
@@ -124,6 +130,8 @@ def model_config(**kwargs) -> ml_collections.ConfigDict:
     if values["gt_mask_format"] not in GT_MASK_FORMATS:
         raise ValueError(f"gt_mask_format {values['gt_mask_format']!r}: choose from "
                          f"{GT_MASK_FORMATS}")
+    if int(values["train_padding_group"]) < 1:
+        raise ValueError(f"train_padding_group {values['train_padding_group']} must be >= 1")
     values["frozen_bn_eps"] = float(values["frozen_bn_eps"])
     if values["frozen_bn_eps"] < 0:
         raise ValueError(f"frozen_bn_eps {values['frozen_bn_eps']} must be >= 0")

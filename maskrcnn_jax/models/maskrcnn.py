@@ -8,7 +8,9 @@ inference (default) it returns fixed-size, padded detections in resized-image pi
 `train=True`, targets and a key it samples anchors and RoIs as torchvision's training forward and
 returns the raw head outputs with their targets (`losses.maskrcnn_losses` turns them into losses).
 Anchors (`ops.anchors`), FPN levels, pooler sizes and RoI scales below are shared by both modes.
-Batch elements never interact: each image behaves as torchvision run on that image alone.
+In inference batch elements never interact: each image behaves as torchvision run on that image
+alone. In training, groups of `train_padding_group` consecutive images share their largest
+padded size, as torchvision's batch tensor (`group_padded_sizes`).
 """
 
 import math
@@ -60,6 +62,19 @@ def is_cropped(masks, canvas_size, mask_format: Optional[str]) -> bool:
     if mask_format not in ("crops", "full"):
         raise ValueError(f"mask_format must be 'crops', 'full' or None, got {mask_format!r}")
     return mask_format == "crops"
+
+
+def group_padded_sizes(padded_sizes, group: int):
+    """`(B, 2)` int32: each image's padded size replaced by the largest height and width of its
+    group of `group` consecutive images (the last group may be shorter), as torchvision pads a
+    batch tensor to its largest image. `group` 1: unchanged."""
+    num_images = padded_sizes.shape[0]
+    if group <= 1 or num_images <= 1:
+        return padded_sizes
+    ids = jnp.arange(num_images) // group
+    largest = jax.ops.segment_max(padded_sizes, ids, num_segments=-(-num_images // group),
+                                  indices_are_sorted=True)
+    return largest[ids]
 
 
 def canvas_valid(canvas_hw, padded_sizes):
@@ -258,7 +273,9 @@ class MaskRCNN(nn.Module):
         shared by the batch (`_pack_mask_rois`: all positives kept while they fit, torchvision's
         loss; beyond it a uniform sample of them); the mask entries of the outputs then have
         shape `(mask_budget_groups, M / mask_budget_groups, ...)`. `max_mask_sampling_grid` bounds
-        the RoIAlign grid of full-resolution gt masks (see `targets.mask_targets`).
+        the RoIAlign grid of full-resolution gt masks (see `targets.mask_targets`). Each group
+        of `train_padding_group` consecutive images runs on the group's padded extent
+        (`group_padded_sizes`), as torchvision's batch tensor.
 
         Returns:
           dict (the input of `losses.maskrcnn_losses`) with `objectness (B, N)`,
@@ -274,6 +291,7 @@ class MaskRCNN(nn.Module):
         cfg = self.config
         if targets is None or key is None:
             raise ValueError("MaskRCNN(train=True) needs targets and a PRNG key")
+        padded_sizes = group_padded_sizes(padded_sizes, int(cfg.get("train_padding_group", 1)))
         fpn_features, anchors, anchor_valid, rpn = self._rpn(images, padded_sizes, image_sizes,
                                                              train=True)
         mask_rois_per_image = cfg.get("mask_rois_per_image")

@@ -77,11 +77,15 @@ def randomize(model, seed):
         model.roi_heads.mask_predictor.mask_fcn_logits.weight.mul_(0.003)
 
 
-@functools.lru_cache(maxsize=1)
-def build():
+@functools.lru_cache(maxsize=2)
+def build(backbone: str = "resnet50", original_shapes=tuple(ORIGINAL_SHAPES)):
     """The models and inputs of both sides, built once per process (shared by the test modules:
     callers must not modify them; `.grad` of the torch parameters excepted): torchvision's
-    `maskrcnn_resnet50_fpn` with FrozenBatchNorm2d and its conversion.
+    `maskrcnn_resnet50_fpn` (or another `backbone`) with FrozenBatchNorm2d and its conversion.
+
+    `original_shapes`: the two images' sizes before resizing (default: both pad to (224, 288)).
+    torchvision gets them as one batch tensor padded to their largest padded size, as its
+    transform batches them (maskrcnn_jax: `train_padding_group` 2, the default).
 
     Returns a dict:
       torch_model: the torchvision MaskRCNN in train mode;
@@ -100,7 +104,7 @@ def build():
 
     kwargs = dict(PARITY_KWARGS)
     torch.manual_seed(0)
-    body = torchvision.models.resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
+    body = getattr(torchvision.models, backbone)(weights=None, norm_layer=FrozenBatchNorm2d)
     torch_model = torchvision.models.detection.MaskRCNN(
         _resnet_fpn_extractor(body, TRAINABLE_LAYERS), **kwargs)
     randomize(torch_model, seed=1)
@@ -109,7 +113,7 @@ def build():
         torch_model.state_dict(), canvas_size=PARITY_CANVAS, batch_norm="frozen", **kwargs)
 
     rng = np.random.default_rng(0)
-    batch = preprocess([image(rng, h, w) for h, w in ORIGINAL_SHAPES], config)
+    batch = preprocess([image(rng, h, w) for h, w in original_shapes], config)
     objects = [
         # One ellipse cut by the bottom-right image border, one inside, one small.
         [(60, 80, 45, 55), (245, 185, 40, 30), (120, 40, 18, 15)],
@@ -125,8 +129,8 @@ def build():
                      labels=labels, valid=np.stack(valid), masks=np.stack(masks))
 
     # torchvision's training forward without its transform: the batch tensor is exactly the
-    # region it would have padded to.
-    ph, pw = batch.padded_sizes[0]
+    # region it would have padded to (the largest padded size of the two).
+    ph, pw = batch.padded_sizes.max(axis=0)
     tensor = torch.from_numpy(np.ascontiguousarray(batch.images[:, :ph, :pw].transpose(0, 3, 1, 2)))
     image_list = ImageList(tensor, [tuple(int(v) for v in s) for s in batch.image_sizes])
     torch_targets = []

@@ -27,7 +27,7 @@ import torch
 from maskrcnn_jax.config import model_config
 from maskrcnn_jax.data.mask_crops import crop_resized_masks
 from maskrcnn_jax.layers import targets as tg
-from maskrcnn_jax.models.maskrcnn import MaskRCNN, frozen
+from maskrcnn_jax.models.maskrcnn import MaskRCNN, frozen, group_padded_sizes
 from maskrcnn_jax.ops.boxes import decode_boxes
 from maskrcnn_jax.testing import loss_parity
 from maskrcnn_jax.testing.loss_parity import MASK_ROIS, PARITY_KWARGS, ellipse_objects
@@ -93,6 +93,56 @@ def test_loss_matches_torchvision(parity, name):
     print(f"{name}: jax {ours:.7f} torchvision {theirs:.7f} rel diff {rel:.2e}")
     assert theirs > 0, "the reference loss must be non-trivial"
     assert rel <= RTOL
+
+
+# Two images of different padded sizes, (224, 288) and (160, 320): torchvision's batch tensor is
+# (224, 320), so each image trains with the other's padding (anchors there are RPN negatives).
+MIXED_SHAPES = ((200, 260), (100, 200))
+
+
+@pytest.fixture(scope="module")
+def mixed_sizes():
+    setup = loss_parity.build("resnet18", MIXED_SHAPES)
+    assert setup["batch"].padded_sizes.tolist() == [[224, 288], [160, 320]]
+    assert tuple(setup["image_list"].tensors.shape[-2:]) == (224, 320)
+    with torch.no_grad():
+        torch_losses = {k: float(v) for k, v in loss_parity.torch_losses(setup).items()}
+
+    def jax_losses(group):
+        model = MaskRCNN(frozen({**setup["config"].to_dict(), "mask_rois_per_image": MASK_ROIS,
+                                 "train_padding_group": group}))
+        _, (terms, _) = jax.jit(lambda v, b, k: compute_losses(model, v, b, k))(
+            setup["variables"], setup["jax_batch"], jax.random.PRNGKey(0))
+        return {k: float(terms[k]) for k in LOSS_NAMES}
+
+    return torch_losses, jax_losses
+
+
+def test_padding_group_matches_torchvision_batch(mixed_sizes):
+    """`train_padding_group` 2 (the default): the five losses of a batch of two images of
+    different sizes equal torchvision's on its padded batch tensor; each image alone (group 1)
+    does not (torchvision's RPN losses are normalised by the sampled anchors, the other
+    image's padding included, and its features there reach the RoIs near the border)."""
+    torch_losses, jax_losses = mixed_sizes
+    grouped, alone = jax_losses(2), jax_losses(1)
+    for name in LOSS_NAMES:
+        rel = abs(grouped[name] - torch_losses[name]) / abs(torch_losses[name])
+        print(f"{name}: grouped {grouped[name]:.7f} alone {alone[name]:.7f} "
+              f"torchvision {torch_losses[name]:.7f}")
+        assert rel <= RTOL, name
+    rel = {k: abs(alone[k] - torch_losses[k]) / abs(torch_losses[k]) for k in LOSS_NAMES}
+    assert rel["loss_rpn_box_reg"] > 0.1 and max(rel.values()) > 100 * RTOL
+
+
+def test_group_padded_sizes():
+    sizes = jnp.asarray([[96, 128], [128, 96], [64, 64], [160, 32], [32, 32]], jnp.int32)
+    np.testing.assert_array_equal(group_padded_sizes(sizes, 1), sizes)
+    np.testing.assert_array_equal(
+        group_padded_sizes(sizes, 2),
+        [[128, 128], [128, 128], [160, 64], [160, 64], [32, 32]])
+    np.testing.assert_array_equal(group_padded_sizes(sizes, 8), [[160, 128]] * 5)
+    with pytest.raises(ValueError, match="train_padding_group"):
+        model_config(train_padding_group=0)
 
 
 @pytest.mark.slow
