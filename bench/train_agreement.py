@@ -11,7 +11,8 @@ FrozenBatchNorm, the narrow heads, scale jitter over `data.min_sizes` with max s
 horizontal flip, SGD lr 0.03 at batch 4, momentum 0.9, weight decay 1e-4 on every trained
 parameter, linear warm-up from 0.001x over 100 steps, x0.1 at 1350/1600 of the run, gradient
 norm clipped at 10) run for `--steps` steps, with every positive RoI in the mask head
-(`mask_rois_per_image` = 64 x 0.25 = 16: torchvision's mask head takes all of them).
+(`mask_rois_per_image` = 64 x 0.25 = 16: torchvision's mask head takes all of them), each batch
+of 4 trained as one padded tensor (`train_padding_group` 4, as torchvision's batch tensor).
 
 maskrcnn_jax: `python train.py --config=configs/shapes.py --workdir=... --config.seed=S ...` in a
 subprocess (its own `data_dir` under --out); `--data coco` trains from a COCO-format folder

@@ -91,7 +91,8 @@ STATIC_DEFAULTS: dict[str, Any] = dict(
     # GPU: 2 images in its reference recipe) to its largest image. Each group of this many
     # consecutive images of the global batch trains on the group's padded extent: anchors,
     # features and RoI pooling over it, the other images' padding being (easy) RPN negatives.
-    # 1: each image as if alone (inference's semantics).
+    # 1: each image as if alone (inference's semantics). With `backbone_norm="group_norm"` the
+    # norms' region in training is the group's extent too.
     train_padding_group=2,
     # Ground-truth masks given as 'crops' on their boxes (the input pipeline's) or 'full'
     # canvas-sized masks; None decides by shape (masks the canvas size are full).
