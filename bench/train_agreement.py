@@ -4,6 +4,7 @@ each with its own initialisation and random stream, both final models scored the
 
     python bench/train_agreement.py --out /tmp/agree [--data shapes|coco] [--sides jax torchvision]
                                     [--seeds 0 1] [--steps 800] [--threads N]
+                                    [--jax-flag=--config.X=V ...]
     python bench/train_agreement.py --out /tmp/agree --report      # the table of every finished run
 
 The recipe is the README's main job (`configs/shapes.py`: ResNet-18 FPN from scratch with
@@ -90,7 +91,7 @@ def overrides(args, data_dir: str, folder: str) -> list:
     if args.data == "coco":
         flags += ["--config.data.name=coco_instances", f"--config.data.manual_dir={folder}",
                   f"--config.data.max_instances={COCO_DRAW['max_shapes']}"]
-    return flags
+    return flags + list(args.jax_flag or [])
 
 
 def run_config(args, data_dir, folder, seed):
@@ -385,6 +386,10 @@ def main(argv=None):
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
+    parser.add_argument("--jax-flag", action="append", metavar="FLAG",
+                        help="an extra train.py flag of the maskrcnn_jax runs (repeatable), "
+                             "for an A/B of one setting, e.g. "
+                             "--jax-flag=--config.data.mask_crop_size=160 (their own --out)")
     parser.add_argument("--report", action="store_true", help="only print the table")
     args = parser.parse_args(argv)
     args.out = os.path.abspath(os.path.expanduser(args.out))
