@@ -34,15 +34,21 @@ def head_norm(norm: str, name: str, x, dtype=None, train: bool = False, mask=Non
     return normalize(norm, name, x, eps=BATCH_NORM_EPS, dtype=dtype, train=train, mask=mask)
 
 
-def _dense(x, features, dtype, name):
-    """`nn.Dense` on `x` (in the caller's compact scope) initialised as torch's `nn.Linear` (the
-    box head's and predictor's layers keep torch's defaults): weight and bias uniform in
-    +-1/sqrt(fan_in) (`kaiming_uniform_(a=sqrt(5))` and its bias bound)."""
-    bound = 1.0 / float(np.sqrt(x.shape[-1]))
+def _torch_default_bias(fan_in: int):
+    """torch's default bias of a conv or linear layer: uniform in +-1/sqrt(fan_in)."""
+    bound = 1.0 / float(np.sqrt(fan_in))
 
     def uniform(key, shape, dtype=jnp.float32):
         return jax.random.uniform(key, shape, dtype, -bound, bound)
 
+    return uniform
+
+
+def _dense(x, features, dtype, name):
+    """`nn.Dense` on `x` (in the caller's compact scope) initialised as torch's `nn.Linear` (the
+    box head's and predictor's layers keep torch's defaults): weight and bias uniform in
+    +-1/sqrt(fan_in) (`kaiming_uniform_(a=sqrt(5))` and its bias bound)."""
+    uniform = _torch_default_bias(x.shape[-1])
     return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, kernel_init=uniform,
                     bias_init=uniform, name=name)(x)
 
@@ -201,7 +207,9 @@ class Deconv2x2(nn.Module):
     @nn.compact
     def __call__(self, x):
         kernel = self.param("kernel", _relu_fan_out, (2, 2, self.features, x.shape[-1]), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        # torch's ConvTranspose2d default: fan_in = weight.size(1) * kH * kW = out * 4.
+        bias = self.param("bias", _torch_default_bias(4 * self.features), (self.features,),
+                          jnp.float32)
         dtype = self.dtype if self.dtype is not None else x.dtype
         n, h, w, _ = x.shape
         y = jnp.einsum("nhwi,kloi->nhkwlo", x.astype(dtype), kernel.astype(dtype))
@@ -216,6 +224,10 @@ class MaskRCNNPredictor(nn.Module):
     `conv5_mask` uses `transpose_kernel=True`, i.e. the true transpose (gradient) of a
     convolution: its kernel is (kH, kW, out, in) = torch's ConvTranspose2d weight
     (in, out, kH, kW) transposed by (2, 3, 1, 0), with no spatial flip needed.
+
+    Initialised as torchvision's: weights kaiming-normal (fan_out, relu), biases left at
+    torch's layer default (uniform in +-1/sqrt(fan_in): torchvision's zero init of them is
+    commented out).
     """
 
     num_classes: int
@@ -226,4 +238,5 @@ class MaskRCNNPredictor(nn.Module):
     def __call__(self, x):
         x = nn.relu(Deconv2x2(self.dim_reduced, dtype=self.dtype, name="conv5_mask")(x))
         return conv2d(self.num_classes, 1, use_bias=True, dtype=self.dtype,
-                      kernel_init=_relu_fan_out, name="mask_fcn_logits")(x)
+                      kernel_init=_relu_fan_out, name="mask_fcn_logits",
+                      bias_init=_torch_default_bias(x.shape[-1]))(x)

@@ -26,7 +26,7 @@ _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 def conv2d(features, kernel_size, strides=1, padding=0, use_bias=False, dtype=None,
-           kernel_init=_conv_init, name=None):
+           kernel_init=_conv_init, name=None, bias_init=nn.initializers.zeros):
     """A torch-style `nn.Conv2d` as a Flax `nn.Conv` with explicit symmetric padding.
 
     Flax's 'SAME' pads stride-2 convolutions asymmetrically (more on the bottom/right), which
@@ -43,6 +43,7 @@ def conv2d(features, kernel_size, strides=1, padding=0, use_bias=False, dtype=No
         dtype=dtype,
         param_dtype=jnp.float32,
         kernel_init=kernel_init,
+        bias_init=bias_init,
         name=name,
         conv_general_dilated=conv_nhwc,
     )

@@ -1,6 +1,7 @@
 """Fresh initialisation as torchvision's: the Linear layers of the box head and predictor keep
 torch's `nn.Linear` defaults (weight and bias uniform in +-1/sqrt(fan_in)), compared with
-torchvision's own fresh modules of the same shapes (their statistics, within sampling error).
+torchvision's own fresh modules of the same shapes (their statistics, within sampling error);
+so do the mask predictor's biases (torchvision leaves them at the layers' defaults).
 The convolutions' initialisations are checked against torchvision's by name in the modules
 (`kaiming_normal_` fan_out for the ResNet and heads, `kaiming_uniform_(a=1)` for the FPN)."""
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 from torchvision.models.detection.faster_rcnn import (FastRCNNConvFCHead, FastRCNNPredictor,
                                                       TwoMLPHead)
+from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 
 from maskrcnn_jax import models
 
@@ -58,3 +60,24 @@ def test_box_predictor_as_torchvision(torch_modules):
     for name in ("cls_score", "bbox_pred"):
         _same_distribution(params[name]["kernel"], getattr(theirs, name).weight, f"{name} weight")
         _same_distribution(params[name]["bias"], getattr(theirs, name).bias, f"{name} bias")
+
+
+def test_mask_predictor_as_torchvision():
+    """Kernels kaiming-normal (fan_out) as torchvision's; biases at torch's layer default,
+    uniform in +-1/sqrt(fan_in) (ConvTranspose2d: fan_in = out x 2 x 2), not zero."""
+    torch.manual_seed(0)
+    dim = 256
+    theirs = MaskRCNNPredictor(CHANNELS, dim, CLASSES)
+    params = models.MaskRCNNPredictor(num_classes=CLASSES, dim_reduced=dim).init(
+        jax.random.PRNGKey(2), jnp.zeros((1, 14, 14, CHANNELS)))["params"]
+    for name in ("conv5_mask", "mask_fcn_logits"):  # normal: the std (the max is a tail draw)
+        ours, weight = np.asarray(params[name]["kernel"]), getattr(theirs, name).weight
+        assert ours.size == weight.numel()
+        assert abs(ours.std() - float(weight.std())) <= 0.05 * float(weight.std()), name
+    for name, fan_in in (("conv5_mask", dim * 4), ("mask_fcn_logits", dim)):
+        bound = 1 / np.sqrt(fan_in)
+        ours = np.asarray(params[name]["bias"])
+        theirs_bias = getattr(theirs, name).bias.detach().numpy()
+        assert 0.8 * bound <= np.abs(theirs_bias).max() <= bound, name  # the bound is torch's
+        assert 0.8 * bound <= np.abs(ours).max() <= bound, name
+        assert ours.std() >= 0.8 * bound / np.sqrt(3), name  # uniform, not a constant
