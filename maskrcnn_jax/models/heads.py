@@ -34,8 +34,9 @@ def head_norm(norm: str, name: str, x, dtype=None, train: bool = False, mask=Non
     return normalize(norm, name, x, eps=BATCH_NORM_EPS, dtype=dtype, train=train, mask=mask)
 
 
-def _torch_default_bias(fan_in: int):
-    """torch's default bias of a conv or linear layer: uniform in +-1/sqrt(fan_in)."""
+def _torch_uniform(fan_in: int):
+    """Initialiser uniform in +-1/sqrt(fan_in): torch's default bias of a conv or linear layer
+    (and `nn.Linear`'s weight)."""
     bound = 1.0 / float(np.sqrt(fan_in))
 
     def uniform(key, shape, dtype=jnp.float32):
@@ -48,7 +49,7 @@ def _dense(x, features, dtype, name):
     """`nn.Dense` on `x` (in the caller's compact scope) initialised as torch's `nn.Linear` (the
     box head's and predictor's layers keep torch's defaults): weight and bias uniform in
     +-1/sqrt(fan_in) (`kaiming_uniform_(a=sqrt(5))` and its bias bound)."""
-    uniform = _torch_default_bias(x.shape[-1])
+    uniform = _torch_uniform(x.shape[-1])
     return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, kernel_init=uniform,
                     bias_init=uniform, name=name)(x)
 
@@ -208,7 +209,7 @@ class Deconv2x2(nn.Module):
     def __call__(self, x):
         kernel = self.param("kernel", _relu_fan_out, (2, 2, self.features, x.shape[-1]), jnp.float32)
         # torch's ConvTranspose2d default: fan_in = weight.size(1) * kH * kW = out * 4.
-        bias = self.param("bias", _torch_default_bias(4 * self.features), (self.features,),
+        bias = self.param("bias", _torch_uniform(4 * self.features), (self.features,),
                           jnp.float32)
         dtype = self.dtype if self.dtype is not None else x.dtype
         n, h, w, _ = x.shape
@@ -239,4 +240,4 @@ class MaskRCNNPredictor(nn.Module):
         x = nn.relu(Deconv2x2(self.dim_reduced, dtype=self.dtype, name="conv5_mask")(x))
         return conv2d(self.num_classes, 1, use_bias=True, dtype=self.dtype,
                       kernel_init=_relu_fan_out, name="mask_fcn_logits",
-                      bias_init=_torch_default_bias(x.shape[-1]))(x)
+                      bias_init=_torch_uniform(x.shape[-1]))(x)

@@ -30,9 +30,8 @@ In-tile pass, by backend (`self_suppression`; the results are identical):
     overlapping predecessor (else the earliest live box that has one would be dropped by that
     predecessor, which has none), and every drop is caused by a box already proven kept. Each
     round is two tile x tile reductions; the rounds are as many as the longest suppression
-    chain, not one per box: on a GPU each loop step is a kernel launch (one NVIDIA H100: the
-    sequential pass took 32 ms for 1,000 boxes against torchvision's 0.5 ms CUDA kernel,
-    BENCHMARKS.md "One GPU").
+    chain, not one per box: on a GPU each loop step is a kernel launch (BENCHMARKS.md, "One
+    GPU").
 
 Padding: invalid boxes are sorted after all valid ones and are never kept, so they never
 suppress. Output indices are padded with -1 beyond `count`.
