@@ -71,7 +71,7 @@ def test_mask_predictor_as_torchvision():
     params = models.MaskRCNNPredictor(num_classes=CLASSES, dim_reduced=dim).init(
         jax.random.PRNGKey(2), jnp.zeros((1, 14, 14, CHANNELS)))["params"]
     for name in ("conv5_mask", "mask_fcn_logits"):  # normal: the std (the max is a tail draw)
-        ours, weight = np.asarray(params[name]["kernel"]), getattr(theirs, name).weight
+        ours, weight = np.asarray(params[name]["kernel"]), getattr(theirs, name).weight.detach()
         assert ours.size == weight.numel()
         assert abs(ours.std() - float(weight.std())) <= 0.05 * float(weight.std()), name
     for name, fan_in in (("conv5_mask", dim * 4), ("mask_fcn_logits", dim)):
