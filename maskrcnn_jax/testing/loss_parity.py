@@ -5,8 +5,8 @@ A torchvision Mask R-CNN (ResNet-50 FPN, FrozenBatchNorm2d as with loaded weight
 frozen as with `trainable_backbone_layers=3`, BN buffers and biases randomised, objectness /
 classifier / mask logits sharpened so that every loss depends strongly on its targets) and its
 `from_torchvision` conversion, with the same preprocessed images (`maskrcnn_jax.data.transform.
-preprocess`; torchvision gets the same float tensor cropped to the two images' common padded
-size, bypassing its transform which would resize again) and the same targets (boxes, labels,
+preprocess`; torchvision gets the same float tensor cropped to the two images' largest padded
+size, its batch tensor, bypassing its transform which would resize again) and the same targets (boxes, labels,
 full-resolution masks, one object cut by the image border). Sampling is made deterministic in
 both by sample counts above the number of candidates and positive fraction 1 (every positive and
 every negative is taken).
