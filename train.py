@@ -29,7 +29,7 @@ from maskrcnn_jax import checkpoints, cli, runtime
 from maskrcnn_jax.config import model_config
 from maskrcnn_jax.data import builders, lsj, pipeline, samplers
 from maskrcnn_jax.errors import ConfigError, UsageError
-from maskrcnn_jax.models.maskrcnn import MaskRCNN, frozen
+from maskrcnn_jax.models.maskrcnn import MaskRCNN, frozen, mask_budget
 from maskrcnn_jax.training import checkpointing, config_checks, train_lib
 
 FLAGS = flags.FLAGS
@@ -138,14 +138,15 @@ def evaluate(config, model_cfg, state, workdir: str):
 
 def training_model_config(config):
     """The model config of a training run: `config.model`, with ground-truth masks as the input
-    pipeline gives them (crops on their boxes) and a batch-wide mask budget
-    (`model.mask_rois_per_batch`) shared equally by the devices, each packing its own share of
-    the global batch (`mask_budget_groups`)."""
+    pipeline gives them (crops on their boxes) and its batch-wide mask budget, if any
+    (`models.maskrcnn.mask_budget`: `model.mask_rois_per_batch` or the default
+    `model.mask_budget_per_image`), shared equally by the devices, each packing its own share
+    of the global batch (`mask_budget_groups`)."""
     settings = {**config.model.to_dict(), "gt_mask_format": "crops"}
-    budget = settings.get("mask_rois_per_batch")
+    devices = jax.device_count()
+    _, budget = mask_budget(model_config(**settings), int(config.data.batch_size))
     if budget is not None:
-        devices = jax.device_count()
-        if budget % devices:
+        if settings.get("mask_rois_per_batch") is not None and budget % devices:
             raise ConfigError(f"config.model.mask_rois_per_batch = {budget}: must be divisible "
                               f"by the number of devices ({devices}), each of which gets an "
                               "equal share")

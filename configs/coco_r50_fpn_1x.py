@@ -22,8 +22,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Every keyword of `maskrcnn_jax.config.model_config` (torchvision's names and defaults).
     # No canvas_size: the canvas buckets of min_size / max_size (800x800, 800x1088, 1088x800,
     # 800x1344, 1344x800); each global batch is of one bucket (aspect-ratio grouping), one
-    # compiled train step per bucket. Every sampled positive goes to the mask head
-    # (mask_rois_per_image None), as torchvision.
+    # compiled train step per bucket. The mask head's default budget: 64 RoIs per image shared
+    # by each device's images (`model.mask_budget_per_image`), every positive while they fit, as
+    # torchvision; `--config.model.mask_budget_per_image=0` reserves a slot for every possible
+    # positive (128 per image).
     config.model = model_settings(backbone="resnet50", num_classes=91, min_size=800,
                                   max_size=1333)
 

@@ -79,11 +79,19 @@ STATIC_DEFAULTS: dict[str, Any] = dict(
     box_representation_size=1024,
     mask_head_layers=(256, 256, 256, 256),
     mask_dim_reduced=256,
-    # Training only: static shapes of the mask head's samples and targets
-    # (`MaskRCNN.training_outputs`). Mask-head RoIs per image (None: every sampled positive,
-    # `box_batch_size_per_image * box_positive_fraction`), or one budget for the whole batch,
-    # shared equally by `mask_budget_groups` groups of consecutive images (train.py: one per
-    # device), each a uniform sample of its positives when they exceed it.
+    # Training only: the mask head's static RoI slots (`MaskRCNN.training_outputs`,
+    # `models.maskrcnn.mask_budget`). torchvision's mask head takes every sampled positive RoI,
+    # at most `box_batch_size_per_image * box_positive_fraction` (128) per image. The first set of
+    #   mask_rois_per_batch: slots for the whole batch;
+    #   mask_rois_per_image: slots per image (an image's positives beyond them are dropped);
+    #   mask_budget_per_image (> 0, the default): a batch budget of this many slots per image
+    #     (at most that 128), sized from torchvision's positives with a trained RPN
+    #     (bench/train.py --trained; BENCHMARKS.md "Mask-head budget");
+    #   none of them (mask_budget_per_image 0): a slot for every possible positive.
+    # A batch budget is shared by `mask_budget_groups` groups of consecutive images (train.py:
+    # one per device): each group keeps all its positives while they fit (torchvision's loss)
+    # and a uniform sample of them beyond; train.py logs `mask_positives_dropped`.
+    mask_budget_per_image=64,
     mask_rois_per_image=None,
     mask_rois_per_batch=None,
     mask_budget_groups=1,
@@ -131,6 +139,10 @@ def model_config(**kwargs) -> ml_collections.ConfigDict:
     if values["gt_mask_format"] not in GT_MASK_FORMATS:
         raise ValueError(f"gt_mask_format {values['gt_mask_format']!r}: choose from "
                          f"{GT_MASK_FORMATS}")
+    for key, least in (("mask_budget_per_image", 0), ("mask_rois_per_image", 1),
+                       ("mask_rois_per_batch", 1)):
+        if values[key] is not None and int(values[key]) < least:
+            raise ValueError(f"{key} {values[key]} must be >= {least}")
     if int(values["train_padding_group"]) < 1:
         raise ValueError(f"train_padding_group {values['train_padding_group']} must be >= 1")
     values["frozen_bn_eps"] = float(values["frozen_bn_eps"])

@@ -267,12 +267,12 @@ class MaskRCNN(nn.Module):
         """torchvision's training forward (`__call__` with `train=True`): RPN in its train
         top-n, anchor and RoI sampling with their targets, box and mask heads on the samples.
 
-        The mask head's static budget comes from the config: `mask_rois_per_image` D slots per
-        image (None: `int(box_batch_size_per_image * box_positive_fraction)`, every sampled
-        positive; fewer drop the positives beyond D), or with `mask_rois_per_batch` M slots
-        shared by the batch (`_pack_mask_rois`: all positives kept while they fit, torchvision's
-        loss; beyond it a uniform sample of them); the mask entries of the outputs then have
-        shape `(mask_budget_groups, M / mask_budget_groups, ...)`. `max_mask_sampling_grid` bounds
+        The mask head's static budget comes from the config (`mask_budget`): D slots per image
+        (`mask_rois_per_image`; fewer than the image's positives drop those beyond D), or M
+        slots shared by the batch (`mask_rois_per_batch`, or `mask_budget_per_image` x B:
+        `_pack_mask_rois`, all positives kept while they fit, torchvision's loss; beyond it a
+        uniform sample of them); the mask entries of the outputs then have shape
+        `(mask_budget_groups, M / mask_budget_groups, ...)`. `max_mask_sampling_grid` bounds
         the RoIAlign grid of full-resolution gt masks (see `targets.mask_targets`). Each group
         of `train_padding_group` consecutive images runs on the group's padded extent
         (`group_padded_sizes`), as torchvision's batch tensor.
@@ -294,14 +294,10 @@ class MaskRCNN(nn.Module):
         padded_sizes = group_padded_sizes(padded_sizes, int(cfg.get("train_padding_group", 1)))
         fpn_features, anchors, anchor_valid, rpn = self._rpn(images, padded_sizes, image_sizes,
                                                              train=True)
-        mask_rois_per_image = cfg.get("mask_rois_per_image")
-        mask_rois_per_batch = cfg.get("mask_rois_per_batch")
-        max_mask_sampling_grid = cfg.get("max_mask_sampling_grid")
-        num_mask_rois = mask_rois_per_image
-        if num_mask_rois is None or mask_rois_per_batch is not None:
-            num_mask_rois = int(cfg.box_batch_size_per_image * cfg.box_positive_fraction)
-        cropped = is_cropped(targets["masks"], images.shape[1:3], cfg.get("gt_mask_format"))
         num_images = images.shape[0]
+        num_mask_rois, batch_budget = mask_budget(cfg, num_images)
+        max_mask_sampling_grid = cfg.get("max_mask_sampling_grid")
+        cropped = is_cropped(targets["masks"], images.shape[1:3], cfg.get("gt_mask_format"))
         rpn_keys = jax.random.split(jax.random.fold_in(key, 0), num_images)
         roi_keys = jax.random.split(jax.random.fold_in(key, 1), num_images)
         gt_boxes = targets["boxes"].astype(jnp.float32)
@@ -332,12 +328,13 @@ class MaskRCNN(nn.Module):
         mask_targets = jax.vmap(lambda mk, b, r, s: tg.mask_targets(
             mk, b, r, s, mask_size, cropped, max_mask_sampling_grid
         ))(targets["masks"], gt_boxes, rois, image_sizes)
-        if mask_rois_per_batch is None:
+        if batch_budget is None:
             mask_features = self.pool(fpn_features, rois["boxes"], padded_sizes,
                                       mask_pool_size(cfg))
         else:
             rois, mask_targets, mask_features = self._pack_mask_rois(
-                fpn_features, padded_sizes, rois, mask_targets, jax.random.fold_in(key, 2))
+                fpn_features, padded_sizes, rois, mask_targets, batch_budget,
+                jax.random.fold_in(key, 2))
         mask_logits = self.mask_logits(mask_features, True, rois["valid"])
         return {
             "objectness": jnp.concatenate(rpn["objectness"], axis=1),
@@ -353,11 +350,11 @@ class MaskRCNN(nn.Module):
             "mask_rois_kept": jnp.sum(rois["valid"]).astype(jnp.int32),
         }
 
-    def _pack_mask_rois(self, fpn_features, padded_sizes, rois, mask_targets, key):
+    def _pack_mask_rois(self, fpn_features, padded_sizes, rois, mask_targets, total, key):
         """The batch-wide mask budget: the batch's B images split into `mask_budget_groups`
         groups of consecutive images (train.py: one per device, so each group is one device's
         share of the batch and the packing never leaves it), each group's positives packed into
-        `mask_rois_per_batch / mask_budget_groups` slots (`targets.pack_positive_rois`).
+        `total / mask_budget_groups` slots (`targets.pack_positive_rois`).
 
         Returns the packed rois and mask targets with `(groups, N)` leading axes, and their
         RoIAligned features `(groups, N, S, S, C)`: each image pools its group's packed boxes
@@ -365,16 +362,16 @@ class MaskRCNN(nn.Module):
         cfg = self.config
         groups = int(cfg.get("mask_budget_groups") or 1)
         num_images = padded_sizes.shape[0]
-        if num_images % groups or cfg.mask_rois_per_batch % groups:
+        if num_images % groups or total % groups:
             raise ValueError(
                 f"mask_budget_groups = {groups} must divide the batch ({num_images} images) and "
-                f"mask_rois_per_batch ({cfg.mask_rois_per_batch})")
+                f"its mask budget ({total} slots)")
         per_group = num_images // groups
 
         def grouped(x):
             return x.reshape(groups, per_group, *x.shape[1:])
 
-        budget = cfg.mask_rois_per_batch // groups
+        budget = total // groups
         rois, mask_targets, image_index = jax.vmap(
             lambda r, t, k: tg.pack_positive_rois(r, t, budget, k))(
                 jax.tree_util.tree_map(grouped, rois), grouped(mask_targets),
@@ -384,6 +381,30 @@ class MaskRCNN(nn.Module):
         features = jnp.take_along_axis(
             pooled, image_index[:, None, :, None, None, None], axis=1)[:, 0]
         return rois, mask_targets, features
+
+
+def mask_budget(config, num_images: int) -> Tuple[int, Optional[int]]:
+    """The mask head's static budget in training (the config's mask keys, see `config.py`).
+
+    Returns `(per_image, batch)`: the positive RoIs kept per image before any packing, and the
+    slots of the batch-wide budget of `num_images` images (None: no packing, the mask head runs
+    on the `per_image` slots of each image). Every positive (`box_batch_size_per_image *
+    box_positive_fraction`, what torchvision's sampler can return) is kept per image unless
+    `mask_rois_per_image` bounds it; a batch budget is `mask_rois_per_batch`, or else, without
+    `mask_rois_per_image`, `mask_budget_per_image` per image when that is fewer than every
+    positive (at least as many is every positive per image, without packing).
+    """
+    every = int(config.box_batch_size_per_image * config.box_positive_fraction)
+    per_batch = config.get("mask_rois_per_batch")
+    per_image = config.get("mask_rois_per_image")
+    if per_batch is not None:
+        return every, int(per_batch)
+    if per_image is not None:
+        return int(per_image), None
+    mean = int(config.get("mask_budget_per_image") or 0)
+    if not 0 < mean < every:
+        return every, None
+    return every, mean * num_images
 
 
 def norm_kinds(config) -> Tuple[str, Optional[str]]:

@@ -27,7 +27,7 @@ import torch
 from maskrcnn_jax.config import model_config
 from maskrcnn_jax.data.mask_crops import crop_resized_masks
 from maskrcnn_jax.layers import targets as tg
-from maskrcnn_jax.models.maskrcnn import MaskRCNN, frozen, group_padded_sizes
+from maskrcnn_jax.models.maskrcnn import MaskRCNN, frozen, group_padded_sizes, mask_budget
 from maskrcnn_jax.ops.boxes import decode_boxes
 from maskrcnn_jax.testing import loss_parity
 from maskrcnn_jax.testing.loss_parity import MASK_ROIS, PARITY_KWARGS, ellipse_objects
@@ -301,6 +301,58 @@ def test_mask_budget_metrics_count_the_dropped_positives(tiny):
     assert metrics["mask_positives_max"] == positives.max()
     assert metrics["mask_positives_dropped"] == (positives - np.minimum(positives,
                                                                          TINY_MASK_ROIS)).sum()
+
+
+def test_mask_budget_follows_the_config_keys():
+    """`mask_budget`: `mask_rois_per_batch`, then `mask_rois_per_image`, then the default
+    `mask_budget_per_image` per image (a batch budget only when fewer than every positive),
+    else every positive per image."""
+    every = 512 // 4
+    assert mask_budget(model_config(), 4) == (every, 64 * 4)
+    assert mask_budget(model_config(mask_rois_per_batch=100), 4) == (every, 100)
+    assert mask_budget(model_config(mask_rois_per_batch=100, mask_rois_per_image=8), 4) == (
+        every, 100)
+    assert mask_budget(model_config(mask_rois_per_image=8), 4) == (8, None)
+    assert mask_budget(model_config(mask_budget_per_image=0), 4) == (every, None)
+    assert mask_budget(model_config(mask_budget_per_image=every), 4) == (every, None)
+    assert mask_budget(model_config(box_batch_size_per_image=64), 4) == (16, None)
+    for key in ("mask_budget_per_image", "mask_rois_per_image", "mask_rois_per_batch"):
+        with pytest.raises(ValueError, match=key):
+            model_config(**{key: -1})
+
+
+def test_default_mask_budget_packs_the_batch(tiny):
+    """The default budget (`mask_budget_per_image` slots per image shared by the batch, no
+    `mask_rois_per_image`): the same program as `mask_rois_per_batch` of that total; every
+    positive, the per-image losses, while they fit; beyond, a sample (the mask loss changes)
+    with the rest counted as dropped."""
+    model, variables, batch = tiny["model"], tiny["variables"], tiny["batch"]
+    settings = {**model.config.to_dict(), "mask_rois_per_image": None}
+
+    def run(**overrides):
+        m = MaskRCNN(frozen({**settings, **overrides}))
+        _, (terms, _) = jax.jit(lambda v, b, k: compute_losses(m, v, b, k))(
+            variables, batch, jax.random.PRNGKey(1))
+        outputs, _ = jax.eval_shape(lambda: m.apply(
+            variables, batch["images"], batch["image_sizes"], batch["padded_sizes"],
+            {n: batch[n] for n in ("boxes", "labels", "valid", "masks")},
+            jax.random.PRNGKey(1), train=True, mutable=["batch_stats"]))
+        return {k: float(v) for k, v in terms.items()}, outputs["mask_logits"].shape
+
+    every, shape = run(mask_budget_per_image=0)
+    assert shape[:2] == (2, 16)  # per image: box_batch_size_per_image 64 x 0.25
+    positives = int(round(2 * every["mask_positives"]))
+    mean = (positives + 1) // 2
+    assert mean < 16
+    packed, shape = run(mask_budget_per_image=mean)
+    assert shape[:2] == (1, 2 * mean)
+    assert packed == run(mask_rois_per_batch=2 * mean)[0]
+    for name in LOSS_NAMES:
+        np.testing.assert_allclose(packed[name], every[name], rtol=1e-6, err_msg=name)
+    assert packed["mask_positives_dropped"] == 0
+    short, _ = run(mask_budget_per_image=mean - 1)
+    assert short["mask_positives_dropped"] == positives - 2 * (mean - 1)
+    assert short["loss_mask"] != every["loss_mask"]
 
 
 @pytest.mark.slow

@@ -308,6 +308,22 @@ def test_frozen_parameters_get_no_gradient():
     assert jaxpr.count("mul") < str(jax.make_jaxpr(jax.grad(loss))(params)).count("mul")
 
 
+def test_default_mask_budget_is_shared_by_the_devices():
+    """train.py's model: the default batch-wide mask budget (`mask_budget_per_image` x the
+    global batch) in one group per device; `mask_rois_per_image` keeps per-image slots."""
+    from maskrcnn_jax.models.maskrcnn import mask_budget
+
+    config = tiny_config("unused", **{"model.box_batch_size_per_image": 512,
+                                      "model.mask_rois_per_image": None,
+                                      "data.batch_size": 2 * jax.device_count()})
+    model_cfg = train.training_model_config(config)
+    assert model_cfg.mask_budget_groups == jax.device_count()
+    assert mask_budget(model_cfg, 2 * jax.device_count()) == (128, 128 * jax.device_count())
+    config.model.mask_rois_per_image = 4
+    model_cfg = train.training_model_config(config)
+    assert mask_budget(model_cfg, 2) == (4, None) and model_cfg.mask_budget_groups == 1
+
+
 def test_canvas_buckets_compile_one_train_step_each(data_dir, tmp_path):
     """Without a canvas_size, the global batches are grouped by canvas bucket (each image in
     the smallest that holds it at the largest training scale): the train step compiles once
