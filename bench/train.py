@@ -4,7 +4,7 @@ roi_align kernels and their backward) on identical weights and data, at equal wo
 Run:  python bench/train.py [--size 512] [--batch 2] [--steps 3] [--backbone resnet50]
                             [--frozen-stages 2] [--threads N] [--mask-rois N]
                             [--mask-rois-per-batch N] [--profile] [--no-stop-gradient]
-                            [--trained [--trained-steps 300] [--cache DIR]]
+                            [--trained [--trained-steps 200] [--cache DIR]]
 
 Both sides start from the same converted weights (torchvision's Mask R-CNN with frozen batch
 norm, as it trains from pretrained backbones), train on the same synthetic images, boxes and
@@ -23,8 +23,9 @@ to inf/NaN within two steps, which would be timed otherwise).
 Load. By default random weights on random images with --objects boxes each: the positives are
 few (typically just the gt boxes, which torchvision appends to the proposals). With --trained,
 a realistic load: weights whose RPN is trained (an R50-FPN trained by this script on shapes for
---trained-steps steps of 2 images at 320..384 px, cached in --cache: `trained_weights`) on 4:3
-shapes images with 5-15 objects at torchvision's 800 px (`shapes_data`, canvas 800x1088).
+--trained-steps steps of 2 images at 256..320 px, cached in --cache: `trained_weights`) on 4:3
+images with 5-15 objects at torchvision's 800 px, tiled from shapes images so that the objects
+have the pixel sizes the weights were trained on (`shapes_data`, canvas 800x1088).
 
 Mask RoIs. torchvision runs its mask head (4 conv layers at 14x14 + a deconv: ~1 GFLOP per RoI
 forward, ~3 with the backward) on the positive RoIs it sampled (at most 512 x 0.25 = 128 per
@@ -100,12 +101,13 @@ def synthetic_data(rng, batch, size, num_objects=4):
     return images, targets
 
 
-def shapes_data(batch, size, objects=(5, 15), seed=0):
-    """Photo-like images with `objects` (min, max) shapes each (`data.shapes`, the builder's
-    generator): squares of side 4/3 `size` cut to `size` rows (4:3 landscape, short side
-    `size`: torchvision's resize is then the identity), masks cut with them, boxes the cut
-    masks' tight boxes, instances that leave fewer than 30 pixels dropped. Images are taken in
-    index order until `batch` have a count within `objects`."""
+def shapes_data(batch, size, objects=(5, 15), seed=0, grid=(2, 3)):
+    """Photo-like 4:3 images of short side `size` (torchvision's resize is then the identity)
+    with `objects` (min, max) shapes each: a `grid` of shapes tiles (`data.shapes`, the
+    builder's generator; up to 3 shapes a tile), so that at 800 px the objects have the pixel
+    sizes of the --trained weights' training images (tiles of ~400 px: shapes of 30-120 px
+    radius). Masks full-size, boxes their tight boxes. Images are made in seed order until
+    `batch` have a count within `objects`."""
     import io
 
     from PIL import Image
@@ -113,40 +115,55 @@ def shapes_data(batch, size, objects=(5, 15), seed=0):
 
     from maskrcnn_jax.data import shapes
 
-    width = int(round(size * 4 / 3))
-    options = shapes.ShapesOptions(min_side=width, max_side=width, max_shapes=2 * objects[1])
+    rows, cols = grid
+    height, width = size, int(round(size * 4 / 3))
+    tile_h, tile_w = -(-height // rows), -(-width // cols)
+    options = shapes.ShapesOptions(min_side=min(tile_h, tile_w), max_side=max(tile_h, tile_w),
+                                   max_shapes=3)
     images, targets, index = [], [], 0
     while len(images) < batch:
-        record = shapes.generate_image(seed, "train", index, options)
-        index += 1
-        masks = np.stack([mask_utils.decode({"size": [width, width], "counts": c})
-                          for c in record["mask_rles"]])[:, :size]
-        keep = masks.sum(axis=(1, 2)) >= 30
-        if not objects[0] <= keep.sum() <= objects[1]:
+        image = np.zeros((rows * tile_h, cols * tile_w, 3), np.uint8)
+        masks, labels = [], []
+        for r in range(rows):
+            for c in range(cols):
+                record = shapes.generate_image(seed, "train", index, options)
+                index += 1
+                h, w = (int(v) for v in record["original_size"])
+                h, w = min(h, tile_h), min(w, tile_w)
+                tile = np.asarray(Image.open(io.BytesIO(record["image"])).convert("RGB"))
+                image[r * tile_h:r * tile_h + h, c * tile_w:c * tile_w + w] = tile[:h, :w]
+                for rle, label in zip(record["mask_rles"], record["labels"]):
+                    full = np.zeros(image.shape[:2], np.uint8)
+                    m = mask_utils.decode({"size": list(record["original_size"]), "counts": rle})
+                    full[r * tile_h:r * tile_h + h, c * tile_w:c * tile_w + w] = m[:h, :w]
+                    masks.append(full[:height, :width])
+                    labels.append(label)
+        kept = [i for i, m in enumerate(masks) if m.sum() >= 30]  # cut at the image edge
+        masks, labels = [masks[i] for i in kept], [labels[i] for i in kept]
+        if not objects[0] <= len(masks) <= objects[1]:
             continue
-        masks = masks[keep]
         boxes = np.zeros((len(masks), 4), np.float32)
         for i, m in enumerate(masks):
             ys, xs = np.nonzero(m)
             boxes[i] = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
-        image = np.asarray(Image.open(io.BytesIO(record["image"])).convert("RGB"))[:size]
-        images.append(np.ascontiguousarray(image))
-        targets.append({"boxes": boxes, "labels": record["labels"][keep].astype(np.int64),
-                        "masks": masks.astype(np.uint8)})
+        images.append(np.ascontiguousarray(image[:height, :width]))
+        targets.append({"boxes": boxes, "labels": np.asarray(labels, np.int64),
+                        "masks": np.stack(masks)})
     return images, targets
 
 
-TRAINED_SIZE = 320  # the weights' training images: 320..384 px squares, short side 320
+TRAINED_SIZE = (256, 320)  # the weights' training images: squares of these sides, canvas 320
 
 
 def trained_weights(cache, backbone, steps, frozen_stages):
     """(model config, variables) of a Mask R-CNN `backbone`-FPN (torchvision's widths, 5
     classes) trained by `train.py`'s loop for `steps` steps of 2 images on shapes with up to 20
-    objects (320..384 px: a few seconds a step on a CPU; the objects' sizes relative to the
-    image are those of `shapes_data`), so that its RPN proposes around objects and the RoI
-    sampler finds positives as a trained model's does. From scratch with trainable batch norm
-    in the backbone (an R50 without norm diverges from scratch), `frozen_stages` stages frozen,
-    SGD 0.02 with warm-up and clipping. Trained once into `cache` and read from there after.
+    objects (256..320 px squares, half torchvision's RPN top-n and RoI samples: a few seconds
+    a step on a CPU; the objects' sizes relative to the image are those of `shapes_data`), so
+    that its RPN proposes around objects and the RoI sampler finds positives as a trained
+    model's does. From scratch with trainable batch norm in the backbone (an R50 without norm
+    diverges from scratch), `frozen_stages` stages frozen, SGD 0.02 with warm-up and clipping.
+    Trained once into `cache` and read from there after.
     """
     import importlib.util
 
@@ -163,16 +180,18 @@ def trained_weights(cache, backbone, steps, frozen_stages):
         spec.loader.exec_module(train_cli)
         print(f"training the benchmark's weights into {workdir} ({steps} steps, once)", flush=True)
         config = shapes_config.get_config()
+        low, high = TRAINED_SIZE
         config.model = model_settings(
-            backbone=backbone, backbone_norm="batch_norm", num_classes=5,
-            min_size=TRAINED_SIZE, max_size=384, canvas_size=(384, 384),
-            mask_rois_per_image=16, train_padding_group=2)
-        config.data.shapes = dict(num_train=2 * steps, num_validation=8, seed=1,
-                                  min_side=TRAINED_SIZE, max_side=384, max_shapes=20)
+            backbone=backbone, backbone_norm="batch_norm", num_classes=5, min_size=low,
+            max_size=high, canvas_size=(high, high), rpn_pre_nms_top_n_train=1000,
+            rpn_post_nms_top_n_train=1000, box_batch_size_per_image=256, mask_rois_per_image=8,
+            train_padding_group=2)
+        config.data.shapes = dict(num_train=2 * steps, num_validation=8, seed=1, min_side=low,
+                                  max_side=high, max_shapes=20)
         config.data.data_dir = os.path.join(os.path.expanduser(cache), "tensorflow_datasets")
         config.data.batch_size = 2
         config.data.max_instances = 20
-        config.data.min_sizes = (TRAINED_SIZE,)
+        config.data.min_sizes = (low,)
         config.optimizer.learning_rate = 0.02
         config.optimizer.reference_batch_size = 2
         config.optimizer.warmup_steps = min(50, steps // 2)
@@ -216,7 +235,7 @@ def main():
                         help="realistic load: weights whose RPN is trained (trained by this "
                              "script on shapes, cached in --cache) and shapes images with 5-15 "
                              "objects instead of random weights and random images")
-    parser.add_argument("--trained-steps", type=int, default=300,
+    parser.add_argument("--trained-steps", type=int, default=200,
                         help="training steps of the --trained weights")
     parser.add_argument("--cache", default="~/.cache/maskrcnn_jax/bench_train",
                         help="where the --trained weights are kept")
