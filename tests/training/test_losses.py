@@ -321,35 +321,49 @@ def test_mask_budget_follows_the_config_keys():
             model_config(**{key: -1})
 
 
+_TINY_TERMS = {}
+
+
+def _tiny_terms(tiny, **overrides):
+    """The loss terms of the `tiny` batch (key 1) with model config `overrides`, computed once
+    per distinct overrides in this module (each is a compilation)."""
+    key = tuple(sorted(overrides.items()))
+    if key not in _TINY_TERMS:
+        m = MaskRCNN(frozen({**tiny["model"].config.to_dict(), **overrides}))
+        _, (terms, _) = jax.jit(lambda v, b, k: compute_losses(m, v, b, k))(
+            tiny["variables"], tiny["batch"], jax.random.PRNGKey(1))
+        _TINY_TERMS[key] = {k: float(v) for k, v in terms.items()}
+    return _TINY_TERMS[key]
+
+
+def _tiny_mask_logits_shape(tiny, **overrides):
+    m = MaskRCNN(frozen({**tiny["model"].config.to_dict(), **overrides}))
+    batch = tiny["batch"]
+    outputs, _ = jax.eval_shape(lambda: m.apply(
+        tiny["variables"], batch["images"], batch["image_sizes"], batch["padded_sizes"],
+        {n: batch[n] for n in ("boxes", "labels", "valid", "masks")}, jax.random.PRNGKey(1),
+        train=True, mutable=["batch_stats"]))
+    return outputs["mask_logits"].shape
+
+
 def test_default_mask_budget_packs_the_batch(tiny):
     """The default budget (`mask_budget_per_image` slots per image shared by the batch, no
     `mask_rois_per_image`): one packed set of that many slots per image; every positive, the
     per-image losses, while they fit; beyond, a sample (the mask loss changes) with the rest
     counted as dropped."""
-    model, variables, batch = tiny["model"], tiny["variables"], tiny["batch"]
-    settings = {**model.config.to_dict(), "mask_rois_per_image": None}
-
-    def run(**overrides):
-        m = MaskRCNN(frozen({**settings, **overrides}))
-        _, (terms, _) = jax.jit(lambda v, b, k: compute_losses(m, v, b, k))(
-            variables, batch, jax.random.PRNGKey(1))
-        outputs, _ = jax.eval_shape(lambda: m.apply(
-            variables, batch["images"], batch["image_sizes"], batch["padded_sizes"],
-            {n: batch[n] for n in ("boxes", "labels", "valid", "masks")},
-            jax.random.PRNGKey(1), train=True, mutable=["batch_stats"]))
-        return {k: float(v) for k, v in terms.items()}, outputs["mask_logits"].shape
-
-    every, shape = run(mask_budget_per_image=0)
-    assert shape[:2] == (2, 16)  # per image: box_batch_size_per_image 64 x 0.25
+    # Default 64 >= 16 possible positives per image (64 x 0.25): every positive, per image.
+    every = _tiny_terms(tiny, mask_rois_per_image=None)
+    assert _tiny_mask_logits_shape(tiny, mask_rois_per_image=None)[:2] == (2, 16)
     positives = int(round(2 * every["mask_positives"]))
     mean = (positives + 1) // 2
     assert mean < 16
-    packed, shape = run(mask_budget_per_image=mean)
-    assert shape[:2] == (1, 2 * mean)
+    packed = _tiny_terms(tiny, mask_rois_per_image=None, mask_budget_per_image=mean)
+    assert _tiny_mask_logits_shape(tiny, mask_rois_per_image=None,
+                                   mask_budget_per_image=mean)[:2] == (1, 2 * mean)
     for name in LOSS_NAMES:
         np.testing.assert_allclose(packed[name], every[name], rtol=1e-6, err_msg=name)
     assert packed["mask_positives_dropped"] == 0
-    short, _ = run(mask_budget_per_image=mean - 1)
+    short = _tiny_terms(tiny, mask_rois_per_image=None, mask_budget_per_image=mean - 1)
     assert short["mask_positives_dropped"] == positives - 2 * (mean - 1)
     assert short["loss_mask"] != every["loss_mask"]
 
@@ -546,21 +560,12 @@ def test_grouped_mask_budget_equals_per_image_positives(tiny):
     train.py sets on 2 devices): with room for every positive, the losses equal those of the
     per-image budget keeping every positive; one slot per image fewer than the busiest image's
     positives drops some, counted by `mask_positives_dropped`."""
-    model, variables, batch = tiny["model"], tiny["variables"], tiny["batch"]
-    settings = model.config.to_dict()
-
-    def losses(**overrides):
-        m = MaskRCNN(frozen({**settings, **overrides}))
-        _, (terms, _) = jax.jit(lambda v, b, k: compute_losses(m, v, b, k))(
-            variables, batch, jax.random.PRNGKey(1))
-        return {k: float(v) for k, v in terms.items()}
-
-    every = losses(mask_rois_per_image=None)
+    every = _tiny_terms(tiny, mask_rois_per_image=None)
     most = int(every["mask_positives_max"])
     assert most >= 2 and every["mask_positives_dropped"] == 0
-    grouped = losses(mask_rois_per_batch=2 * most, mask_budget_groups=2)
+    grouped = _tiny_terms(tiny, mask_rois_per_batch=2 * most, mask_budget_groups=2)
     for name in LOSS_NAMES:
         np.testing.assert_allclose(grouped[name], every[name], rtol=1e-6, err_msg=name)
-    short = losses(mask_rois_per_batch=2 * (most - 1), mask_budget_groups=2)
+    short = _tiny_terms(tiny, mask_rois_per_batch=2 * (most - 1), mask_budget_groups=2)
     assert short["mask_positives_dropped"] >= 1
     assert short["loss_mask"] != every["loss_mask"]
