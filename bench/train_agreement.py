@@ -13,7 +13,9 @@ horizontal flip, SGD lr 0.03 at batch 4, momentum 0.9, weight decay 1e-4 on ever
 parameter, linear warm-up from 0.001x over 100 steps, x0.1 at 1350/1600 of the run, gradient
 norm clipped at 10) run for `--steps` steps, with every positive RoI in the mask head
 (`mask_rois_per_image` = 64 x 0.25 = 16: torchvision's mask head takes all of them), each batch
-of 4 trained as one padded tensor (`train_padding_group` 4, as torchvision's batch tensor).
+of 4 trained as one padded tensor (`train_padding_group` 4, as torchvision's batch tensor), and
+ground-truth mask crops of the canvas size (`data.mask_crop_size` 160; the main job's 56 would
+downsample the larger boxes): mask targets as torchvision's, from full-resolution masks.
 
 maskrcnn_jax: `python train.py --config=configs/shapes.py --workdir=... --config.seed=S ...` in a
 subprocess (its own `data_dir` under --out); `--data coco` trains from a COCO-format folder
@@ -66,6 +68,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 LOSSES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 COCO_DRAW = dict(num_train=1000, num_validation=200, seed=7, max_shapes=10)
 EVERY_POSITIVE = 16  # box_batch_size_per_image 64 x positive fraction 0.25
+# Ground-truth mask crops as large as the 160x160 canvas: no box is downsampled, so the mask
+# targets are those of torchvision's full-resolution masks (the main job's 56x56 crops slow the
+# run: BENCHMARKS.md, "Whole-run agreement with full-resolution mask targets").
+FULL_RESOLUTION_CROP = 160
 
 
 @functools.lru_cache(maxsize=None)
@@ -86,6 +92,7 @@ def overrides(args, data_dir: str, folder: str) -> list:
     flags = [f"--config.num_train_steps={args.steps}",
              f"--config.optimizer.milestones={milestone(args.steps)}",
              f"--config.model.mask_rois_per_image={EVERY_POSITIVE}",
+             f"--config.data.mask_crop_size={FULL_RESOLUTION_CROP}",
              f"--config.data.data_dir={data_dir}",
              f"--config.checkpoint_every_steps={args.steps}"]
     if args.data == "coco":
@@ -103,6 +110,7 @@ def run_config(args, data_dir, folder, seed):
     config.num_train_steps = args.steps
     config.optimizer.milestones = (milestone(args.steps),)
     config.model.mask_rois_per_image = EVERY_POSITIVE
+    config.data.mask_crop_size = FULL_RESOLUTION_CROP
     config.data.data_dir = data_dir
     if args.data == "coco":
         config.data.name = "coco_instances"
