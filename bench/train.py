@@ -161,8 +161,9 @@ def trained_weights(cache, backbone, steps, frozen_stages):
     objects (256..320 px squares, half torchvision's RPN top-n and RoI samples: a few seconds
     a step on a CPU; the objects' sizes relative to the image are those of `shapes_data`), so
     that its RPN proposes around objects and the RoI sampler finds positives as a trained
-    model's does. From scratch with trainable batch norm in the backbone (an R50 without norm
-    diverges from scratch), `frozen_stages` stages frozen, SGD 0.02 with warm-up and clipping.
+    model's does. From scratch with trainable batch norm in the backbone (FrozenBatchNorm at
+    its identity init would leave a from-scratch R50 unnormalised), `frozen_stages` stages
+    frozen, SGD 0.02 with warm-up and clipping.
     Trained once into `cache` and read from there after.
     """
     import importlib.util
