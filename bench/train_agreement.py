@@ -4,7 +4,7 @@ each with its own initialisation and random stream, both final models scored the
 
     python bench/train_agreement.py --out /tmp/agree [--data shapes|coco] [--sides jax torchvision]
                                     [--seeds 0 1] [--steps 800] [--threads N]
-                                    [--jax-flag=--config.X=V ...]
+                                    [--recipe main|bn_lsj] [--jax-flag=--config.X=V ...]
     python bench/train_agreement.py --out /tmp/agree --report      # the table of every finished run
 
 The recipe is the README's main job (`configs/shapes.py`: ResNet-18 FPN from scratch with
@@ -14,8 +14,9 @@ parameter, linear warm-up from 0.001x over 100 steps, x0.1 at 1350/1600 of the r
 norm clipped at 10) run for `--steps` steps, with every positive RoI in the mask head
 (`mask_rois_per_image` = 64 x 0.25 = 16: torchvision's mask head takes all of them), each batch
 of 4 trained as one padded tensor (`train_padding_group` 4, as torchvision's batch tensor), and
-ground-truth mask crops of the canvas size (`data.mask_crop_size` 160; the main job's 56 would
-downsample the larger boxes): mask targets as torchvision's, from full-resolution masks.
+ground-truth mask crops of the canvas size (`data.mask_crop_size` 160, as the main job's; smaller
+crops would downsample the larger boxes): mask targets as torchvision's, from full-resolution
+masks.
 
 maskrcnn_jax: `python train.py --config=configs/shapes.py --workdir=... --config.seed=S ...` in a
 subprocess (its own `data_dir` under --out); `--data coco` trains from a COCO-format folder
@@ -32,6 +33,15 @@ from the annotations): `RandomHorizontalFlip(0.5)` as presets' 'hflip', scale ji
 requires grad: the reference without `--norm-weight-decay`), `LinearLR(start_factor=0.001)`
 warm-up then x0.1 milestones (here per step, as the config's), the summed loss dict, and
 `clip_grad_norm_(10)` before the step (the reference recipe has no clipping; the main job does).
+
+`--recipe bn_lsj` runs `configs/shapes_bn_lsj.py` instead (the batch-norm + large-scale-jitter
+recipe: trainable BatchNorm2d in the backbone, statistics over the batch tensor, and LSJ into the
+160 x 160 canvas at scale 0.5-2.0); torchvision's side follows references/detection for
+`--data-augmentation lsj`: `transforms.v2.ScaleJitter(target_size=(160, 160),
+scale_range=(0.5, 2.0), antialias=True)`, the references' `FixedSizeCrop(size=(160, 160),
+fill=(123, 117, 104))` (one uniform draw for both offsets, boxes shifted and clamped, empty boxes
+dropped with their masks, bottom / right padding), `RandomHorizontalFlip(0.5)`, and the model's
+`transform._skip_resize = True` in training (the 160 x 160 image goes in as it is).
 
 Data: `--data shapes` is the main job's set (1,000 train / 200 validation images); torchvision
 reads it as a COCO folder written from the same generator (identical JPEG bytes and RLE masks).
@@ -67,10 +77,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 LOSSES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 COCO_DRAW = dict(num_train=1000, num_validation=200, seed=7, max_shapes=10)
+RECIPES = {"main": "configs/shapes.py", "bn_lsj": "configs/shapes_bn_lsj.py"}
 EVERY_POSITIVE = 16  # box_batch_size_per_image 64 x positive fraction 0.25
-# Ground-truth mask crops as large as the 160x160 canvas: no box is downsampled, so the mask
-# targets are those of torchvision's full-resolution masks (the main job's 56x56 crops slow the
-# run: BENCHMARKS.md, "Whole-run agreement with full-resolution mask targets").
+# Ground-truth mask crops as large as the 160x160 canvas (as configs/shapes.py's): no box is
+# downsampled, so the mask targets are those of torchvision's full-resolution masks (56x56 crops
+# slow the run: BENCHMARKS.md, "Whole-run agreement with full-resolution mask targets").
 FULL_RESOLUTION_CROP = 160
 
 
@@ -81,6 +92,18 @@ def _train_cli():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _load_config(path: str):
+    spec = importlib.util.spec_from_file_location("recipe", os.path.join(REPO, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def label(args) -> str:
+    """The data set, with the recipe when it is not the main job's: the report's groups."""
+    return args.data if args.recipe == "main" else f"{args.data}+{args.recipe}"
 
 
 def milestone(steps: int) -> int:
@@ -103,9 +126,7 @@ def overrides(args, data_dir: str, folder: str) -> list:
 
 def run_config(args, data_dir, folder, seed):
     """The ml_collections config train.py runs (configs/shapes.py with the run's flags)."""
-    from configs import shapes as shapes_config
-
-    config = shapes_config.get_config()
+    config = _load_config(RECIPES[args.recipe])
     config.seed = seed
     config.num_train_steps = args.steps
     config.optimizer.milestones = (milestone(args.steps),)
@@ -214,11 +235,54 @@ class CocoTrainSet:
         return tensor, {"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels),
                         "masks": torch.from_numpy(np.ascontiguousarray(masks))}
 
+    def get_lsj(self, index: int, size: int, scale_range, fill=(123, 117, 104)):
+        """references/detection's `--data-augmentation lsj` on one image (torch's global random
+        stream): ScaleJitter, FixedSizeCrop, RandomHorizontalFlip (module docstring)."""
+        import torch
+        from torchvision import tv_tensors
+        from torchvision.transforms import v2
+
+        image, boxes, labels, rles = self.items[index]
+        h, w = image.shape[:2]
+        masks = (np.stack([self._decode(r) for r in rles]) if rles else
+                 np.zeros((0, h, w), np.uint8))
+        image, target = v2.ScaleJitter((size, size), scale_range=tuple(scale_range),
+                                       antialias=True)(
+            tv_tensors.Image(torch.from_numpy(np.array(image)).permute(2, 0, 1)),
+            {"boxes": tv_tensors.BoundingBoxes(torch.from_numpy(boxes), format="XYXY",
+                                               canvas_size=(h, w)),
+             "masks": tv_tensors.Mask(torch.from_numpy(masks))})
+        image, boxes, masks = (image.as_subclass(torch.Tensor),
+                               target["boxes"].as_subclass(torch.Tensor).clone(),
+                               target["masks"].as_subclass(torch.Tensor))
+        labels = torch.from_numpy(labels)
+        _, h, w = image.shape
+        ch, cw = min(h, size), min(w, size)
+        if (ch, cw) != (h, w):  # FixedSizeCrop: one draw for both offsets
+            u = torch.rand(1)
+            top, left = int(max(h - size, 0) * u), int(max(w - size, 0) * u)
+            image = image[:, top:top + ch, left:left + cw]
+            boxes[:, 0::2] -= left
+            boxes[:, 1::2] -= top
+            boxes[:, 0::2].clamp_(min=0, max=cw)
+            boxes[:, 1::2].clamp_(min=0, max=ch)
+            valid = (boxes[:, 0] < boxes[:, 2]) & (boxes[:, 1] < boxes[:, 3])
+            boxes, labels = boxes[valid], labels[valid]
+            masks = masks[valid][:, top:top + ch, left:left + cw]
+        canvas = torch.tensor(fill, dtype=image.dtype).view(3, 1, 1).repeat(1, size, size)
+        canvas[:, :ch, :cw] = image
+        padded = torch.zeros((len(masks), size, size), dtype=masks.dtype)
+        padded[:, :ch, :cw] = masks
+        if torch.rand(1) < 0.5:  # RandomHorizontalFlip of the padded canvas
+            canvas, padded = canvas.flip(-1), padded.flip(-1)
+            boxes[:, [0, 2]] = size - boxes[:, [2, 0]]
+        return canvas.float() / 255, {"boxes": boxes, "labels": labels, "masks": padded}
+
 
 # ---------------------------------------------------------------- the two sides
 def train_jax(args, seed: int, run_dir: str, data_dir: str, folder: str) -> None:
     workdir = os.path.join(run_dir, "workdir")
-    command = [sys.executable, "train.py", "--config=configs/shapes.py", f"--workdir={workdir}",
+    command = [sys.executable, "train.py", f"--config={RECIPES[args.recipe]}", f"--workdir={workdir}",
                f"--config.seed={seed}", *overrides(args, data_dir, folder)]
     print(" ".join(command), flush=True)
     start = time.perf_counter()
@@ -249,6 +313,8 @@ def train_torchvision(args, seed: int, run_dir: str, data_dir: str, folder: str)
     torch.manual_seed(seed)
     model = torchvision_maskrcnn(model_config(**config.model.to_dict())).train()
     model.transform.min_size = tuple(int(s) for s in config.data.min_sizes)
+    lsj = config.data.augmentation == "lsj"
+    model.transform._skip_resize = lsj  # training only: the LSJ canvas goes in as it is
     data = CocoTrainSet(folder)
     opt = config.optimizer
     batch = int(config.data.batch_size)
@@ -270,7 +336,9 @@ def train_torchvision(args, seed: int, run_dir: str, data_dir: str, folder: str)
         if len(order) < batch:  # a new epoch: RandomSampler's permutation, last batch dropped
             order = torch.randperm(len(data), generator=sampler).tolist()
         indices, order = order[:batch], order[batch:]
-        images, targets = zip(*(data.get(i, bool(torch.rand(1) < 0.5)) for i in indices))
+        images, targets = zip(*(
+            data.get_lsj(i, int(config.data.lsj_size), config.data.lsj_scale_range) if lsj
+            else data.get(i, bool(torch.rand(1) < 0.5)) for i in indices))
         for group in sgd.param_groups:
             group["lr"] = lr_at(step)
         losses = model(list(images), list(targets))
@@ -393,6 +461,8 @@ def main(argv=None):
                         default=["torchvision", "jax"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="main",
+                        help="main: configs/shapes.py; bn_lsj: configs/shapes_bn_lsj.py")
     parser.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     parser.add_argument("--jax-flag", action="append", metavar="FLAG",
                         help="an extra train.py flag of the maskrcnn_jax runs (repeatable), "
@@ -409,7 +479,7 @@ def main(argv=None):
     folder = folder_of(args)
     for seed in args.seeds:
         for side in args.sides:
-            run_dir = os.path.join(args.out, args.data, side, f"seed{seed}")
+            run_dir = os.path.join(args.out, label(args), side, f"seed{seed}")
             if os.path.exists(os.path.join(run_dir, "result.json")):
                 continue
             os.makedirs(run_dir, exist_ok=True)
@@ -418,9 +488,9 @@ def main(argv=None):
                                                                     data_dir, folder)
             trained = json.load(open(os.path.join(run_dir, "train.json")))
             scores = score(args, side, seed, run_dir, data_dir, folder)
-            print(f"{args.data} {side} seed {seed}: mask AP {scores['segm/AP']:.3f}, box AP "
+            print(f"{label(args)} {side} seed {seed}: mask AP {scores['segm/AP']:.3f}, box AP "
                   f"{scores['bbox/AP']:.3f} ({trained['seconds'] / 60:.1f} min)", flush=True)
-            json.dump({"data": args.data, "side": side, "seed": seed, "steps": args.steps,
+            json.dump({"data": label(args), "side": side, "seed": seed, "steps": args.steps,
                        "scores": scores, **trained},
                       open(os.path.join(run_dir, "result.json"), "w"))
     report(args.out)
