@@ -259,6 +259,11 @@ def train_and_evaluate(config, workdir: str, step_hook=None) -> dict:
                 # over every process, so all of them stop after the same step.
                 batch = train_lib.shard_batch(next(data_iter), mesh,
                                               stop_requested=sigterm.requested)
+                if step == start_step and jax.process_count() > 1:
+                    # Compile first (the call below reuses it), then meet: the step's first
+                    # collective must not wait for a peer that is still compiling.
+                    p_train_step.lower(state, batch).compile()
+                    runtime.barrier("first_train_step")
                 state, metrics = p_train_step(state, batch)
                 step += 1
                 metrics = jax.device_get(metrics)

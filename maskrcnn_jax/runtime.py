@@ -7,7 +7,9 @@ Data parallel everywhere: a 1-D mesh over devices, batches split on their leadin
 it, variables replicated. With several processes (one per host, `initialize`), each process
 holds its own rows of a global batch (`shard`: process-local rows -> a global array) and reads
 back its own (`local_rows`); small host values cross processes with `gather_to_process_zero`
-and `broadcast_from_process_zero`.
+and `broadcast_from_process_zero`. Processes meet at `barrier` (the coordination service)
+before each such exchange and before the train step's first one, so that a process still
+compiling or reading when the others reach it is waited for instead of failing the run.
 
 Importing this module (or any of maskrcnn_jax) creates no device array: `initialize` must run
 before anything touches a device.
@@ -74,6 +76,28 @@ def initialize(auto: bool = False, coordinator_address: Optional[str] = None,
 def _cpu_only() -> bool:
     platforms = jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS") or ""
     return platforms.strip().lower() == "cpu"
+
+
+_barriers = 0
+
+
+def barrier(name: str, timeout_s: float = 1800.0):
+    """Wait until every process has reached the barrier `name`, at most `timeout_s` seconds (one
+    process: returns at once). Every process must call the same barriers in the same order.
+
+    The coordination service's barrier (`jax.distributed`'s client), not a device collective:
+    a process that arrives much later than the others (still compiling, still reading data) is
+    waited for. A first device collective cannot wait that long: on the CPU, gloo gives up
+    setting up its communicator when the processes arrive more than 30 s apart ("Gloo context
+    initialization failed: ... GetKeyValue() timed out"), a limit jaxlib does not expose."""
+    global _barriers
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed  # the client orbax's barriers also use
+
+    _barriers += 1  # the same sequence on every process, so each use of a name is its own
+    distributed.global_state.client.wait_at_barrier(f"maskrcnn_jax/{name}/{_barriers}",
+                                                    int(timeout_s * 1000))
 
 
 def is_main_process() -> bool:
@@ -156,6 +180,7 @@ def gather_to_process_zero(items: list) -> Optional[list]:
 
     from jax.experimental import multihost_utils
 
+    barrier("gather_to_process_zero")
     payload = np.frombuffer(zlib.compress(json.dumps(items).encode()), np.uint8)
     sizes = np.asarray(multihost_utils.process_allgather(np.asarray([payload.size], np.int64)))
     sizes = sizes.reshape(-1)
@@ -177,6 +202,7 @@ def broadcast_from_process_zero(values: Optional[dict], keys: Sequence[str]) -> 
         return values
     from jax.experimental import multihost_utils
 
+    barrier("broadcast_from_process_zero")
     array = (np.asarray([values[k] for k in keys], np.float64) if jax.process_index() == 0
              else np.zeros(len(keys), np.float64))
     # As bytes: without jax_enable_x64 a float64 array would travel as float32.
@@ -190,6 +216,7 @@ def all_processes_agree(value: bool) -> bool:
         return bool(value)
     from jax.experimental import multihost_utils
 
+    barrier("all_processes_agree")
     return bool(np.all(multihost_utils.process_allgather(np.asarray([bool(value)]))))
 
 

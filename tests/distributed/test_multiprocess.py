@@ -270,3 +270,31 @@ def test_sigterm_to_one_process_stops_all_at_the_same_step(runs):
     assert all(f"resumed from step {step}" in log for log in runs["logs"]["A"][:1])
     state, data = _state(w["A"], step)
     assert int(state["step"]) == step and data == {"records_consumed": step * 8}
+
+
+BARRIER_SCRIPT = """
+import sys, time
+from maskrcnn_jax import runtime
+runtime.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]),
+                   timeout_s=120)
+import jax
+if jax.process_index() == 1:
+    time.sleep(float(sys.argv[3]))
+print("arrived", time.time(), flush=True)
+runtime.barrier("test")
+print("left", time.time(), flush=True)
+"""
+
+
+def test_barrier_waits_for_the_late_process(tmp_path):
+    """`runtime.barrier` (train.py meets there before its first step) holds every process until
+    the last one arrives: process 1 arrives 3 s late, and process 0 leaves only after that."""
+    script = tmp_path / "barrier.py"
+    script.write_text(BARRIER_SCRIPT)
+    logs = run_processes(["{python}", str(script), "localhost:{port}", "{process_id}", "3"],
+                         2, 1, 120, str(tmp_path))
+    times = [{k: float(v) for k, v in re.findall(r"^(arrived|left) ([\d.]+)$", log, re.M)}
+             for log in logs]
+    assert all(set(t) == {"arrived", "left"} for t in times), logs
+    assert times[1]["arrived"] - times[0]["arrived"] > 2.0  # the delay happened
+    assert times[0]["left"] >= times[1]["arrived"]
