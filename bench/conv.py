@@ -3,7 +3,8 @@ distinct shape, forward, input gradient and kernel gradient, in the same run.
 
     python bench/conv.py [--batch 1] [--size 800x1088] [--formulation model] [--repeats 3]
                          [--only NAME ...] [--threads N]
-    XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type= python bench/conv.py   # an XLA CPU path
+    MASKRCNN_JAX_XLA_CPU_DEFAULTS=0 python bench/conv.py   # jaxlib's XLA CPU path (YNNPACK)
+    XLA_FLAGS=--xla_cpu_experimental_xnn_fusion_type=dot python bench/conv.py   # another one
 
 Shapes: torchvision's `maskrcnn_resnet50_fpn` on one 800x1088 canvas (its padded batch for a
 800x1066 image; maskrcnn_jax's default 800x1088 bucket): the stem 7x7/2, each ResNet-50
@@ -29,8 +30,9 @@ torch: `torch.nn.functional.conv2d` on NCHW float32 (what torchvision runs) and
 
 Prints each row's time, GFLOP/s (2 x multiply-adds / time) and the ratio torch time / jax time
 (> 1: maskrcnn_jax faster), then the totals weighted by `count`: inference (fwd of all) and
-training (fwd + dgrad + wgrad where training needs them). XLA_FLAGS is printed: run once per
-XLA CPU path to compare them (each needs a fresh process).
+training (fwd + dgrad + wgrad where training needs them). XLA_FLAGS is printed (importing
+maskrcnn_jax adds its default, `maskrcnn_jax.xla_cpu`): run once per XLA CPU path to compare
+them (each needs a fresh process).
 """
 
 import argparse

@@ -1,5 +1,7 @@
 """maskrcnn_jax: Mask R-CNN in JAX/Flax with torchvision numerics."""
 
+from maskrcnn_jax import xla_cpu  # noqa: F401  (XLA CPU defaults, before JAX starts its backend)
+
 __version__ = "0.1.0"
 
 
